@@ -1,0 +1,155 @@
+"""Which backends exist here, and which one runs a (device, dtype) bucket (DESIGN section 4).
+
+A compiled part that is missing never breaks ``import sam_fused``: its backend is reported unavailable, with the
+reason, and ``auto`` falls back to the ``torch`` reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    detail: str
+
+    def __str__(self) -> str:
+        return ("available: " if self.available else "unavailable: ") + self.detail
+
+
+def _has_kernel(namespace: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::perturb_", key)
+
+
+def _load_cpu() -> BackendStatus:
+    try:
+        importlib.import_module("sam_fused._C_cpu")
+    except ImportError as e:
+        return BackendStatus(False, f"C++ CPU extension sam_fused._C_cpu not built or not loadable ({e})")
+    if not _has_kernel("sam_fused", "CPU"):
+        return BackendStatus(False, "sam_fused._C_cpu loaded but registered no CPU kernels")
+    return BackendStatus(True, f"C++ (at::parallel_for x at::vec), {torch.get_num_threads()} threads")
+
+
+def _load_cuda() -> BackendStatus:
+    try:
+        importlib.import_module("sam_fused._C_cuda")
+    except ImportError as e:
+        return BackendStatus(False, f"CUDA extension sam_fused._C_cuda not built or not loadable ({e})")
+    if not _has_kernel("sam_fused", "CUDA"):
+        return BackendStatus(False, "sam_fused._C_cuda loaded but registered no CUDA kernels")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "CUDA kernels compiled and registered, but no CUDA device is visible")
+    return BackendStatus(True, f"CUDA C++ on {torch.cuda.get_device_name()}")
+
+
+def _load_triton() -> BackendStatus:
+    try:
+        importlib.import_module("sam_fused.kernels")
+    except ImportError as e:
+        return BackendStatus(False, f"Triton kernels not importable ({e})")
+    if not (_has_kernel("sam_fused_triton", "CUDA") or _has_kernel("sam_fused_triton", "CPU")):
+        return BackendStatus(False, "sam_fused.kernels imported but registered no Triton kernels")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return BackendStatus(True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors, for testing only")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "Triton kernels importable, but no CUDA device is visible")
+    return BackendStatus(True, "Triton on CUDA")
+
+
+_LOADERS = {"torch": lambda: BackendStatus(True, "pure PyTorch reference (torch._foreach_*)"), "cpu": _load_cpu,
+            "cuda": _load_cuda, "triton": _load_triton}
+_status: dict[str, BackendStatus] = {}
+
+
+def status(name: str) -> BackendStatus:
+    if name not in _status:
+        _status[name] = _LOADERS[name]()
+    return _status[name]
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it is usable in this process and why (not)."""
+    return {name: status(name) for name in BACKENDS}
+
+
+def op_table(name: str) -> object:
+    """The object whose attributes are the ops of backend `name`."""
+    if name == "torch":
+        return reference
+    if name == "triton":
+        return torch.ops.sam_fused_triton
+    return torch.ops.sam_fused  # cpu / cuda: the compiled kernels registered for that dispatch key
+
+
+def _serves(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    if name == "torch":
+        return True
+    if dtype not in COMPILED_DTYPES or not status(name).available:
+        return False
+    if name == "triton":
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == name
+
+
+_verified: dict[tuple[str, torch.device], bool] = {}
+
+
+def _verified_on(name: str, device: torch.device) -> bool:
+    """GPU backends picked by `auto` first prove themselves against the reference on each device they meet."""
+    if device.type != "cuda":
+        return True
+    key = (name, device)
+    if key not in _verified:
+        from .selfcheck import self_check
+
+        failure = self_check(name, device)
+        if failure:
+            warnings.warn(f"sam_fused: backend {name!r} disagrees with the torch reference on {device} ({failure}); "
+                          "falling back for the rest of this process", RuntimeWarning, stacklevel=3)
+        _verified[key] = failure is None
+    return _verified[key]
+
+
+_chosen: dict[tuple[str, torch.device, torch.dtype], str] = {}
+
+
+def choose(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs one (device, dtype) bucket."""
+    key = (requested, device, dtype)
+    if key in _chosen:
+        return _chosen[key]
+    name = requested if requested != "auto" else os.environ.get("SAM_FUSED_BACKEND", "auto")
+    if name == "auto":
+        order = AUTO_ORDER.get(device.type, ("torch",))
+        picked = next(b for b in order if _serves(b, device, dtype) and _verified_on(b, device))
+    elif name not in BACKENDS:
+        raise ValueError(f"unknown sam_fused backend {name!r}; choose from {('auto',) + BACKENDS}")
+    elif _serves(name, device, dtype):
+        picked = name
+    elif dtype not in COMPILED_DTYPES and status(name).available:
+        picked = "torch"  # compiled kernels skip fp64 and other dtypes; the reference takes them
+    else:
+        why = status(name).detail if not status(name).available else f"it does not run {device.type} tensors"
+        raise RuntimeError(f"sam_fused backend {name!r} cannot run {dtype} on {device}: {why}")
+    _chosen[key] = picked
+    return picked
+
+
+def warn_if_cpu_missing() -> None:
+    s = status("cpu")
+    if not s.available:
+        warnings.warn(f"sam_fused: fused CPU kernels unavailable, using the torch reference ({s.detail})",
+                      RuntimeWarning, stacklevel=3)

@@ -1,0 +1,91 @@
+"""Every op of sam_fused, defined in one place (DESIGN section 3).
+
+Each schema below is defined in two namespaces:
+  * ``sam_fused``        the op users and ``torch.compile`` see. The pure-PyTorch reference is registered for
+                         ``CompositeExplicitAutograd`` (any device); the compiled C++ backends register their
+                         kernels for the ``CPU`` / ``CUDA`` keys from ``csrc/<backend>/`` and take precedence there.
+  * ``sam_fused_triton`` the Triton kernels of ``kernels/`` (their own namespace because the CUDA key of
+                         ``sam_fused`` belongs to the CUDA C++ kernels).
+A fake (meta) implementation per op lets ``torch.compile`` and ``opcheck`` trace them.
+
+Shapes: ``p`` any shape; with ``k = micro_batches > 1`` every grad is ``[k, *p.shape]``.
+``sumsq`` is fp32: ``[k]`` per micro-batch (``[1]`` for plain SAM).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+NAMESPACES = ("sam_fused", "sam_fused_triton")
+
+SCHEMAS = {
+    "grad_sumsq": "grad_sumsq(Tensor[] grads, Tensor[]? params=None, float eta=0.0, int micro_batches=1) -> Tensor",
+    "perturb_": (
+        "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sumsq, float rho, "
+        "float eps=1e-12, bool adaptive=False, float eta=0.0, bool normalize=True) -> ()"
+    ),
+    "perturb_batched": (
+        "perturb_batched(Tensor[] params, Tensor[] grads, Tensor sumsq, float rho, float eps=1e-12, "
+        "bool adaptive=False, float eta=0.0, bool normalize=True) -> Tensor[]"
+    ),
+    "restore_": "restore_(Tensor(a!)[] params, Tensor[] backups) -> ()",
+    "fsam_direction_": (
+        "fsam_direction_(Tensor(a!)[] grads, Tensor(b!)[] ema, float sigma, float lmbda, bool first, "
+        "Tensor[]? params=None, float eta=0.0) -> Tensor"
+    ),
+}
+
+OPS = tuple(SCHEMAS)
+
+
+def _device_of(tensors: list[torch.Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _fake_grad_sumsq(grads, params=None, eta=0.0, micro_batches=1):
+    return torch.empty(micro_batches, dtype=torch.float32, device=_device_of(grads))
+
+
+def _fake_perturb_(params, grads, backups, sumsq, rho, eps=1e-12, adaptive=False, eta=0.0, normalize=True):
+    return None
+
+
+def _fake_perturb_batched(params, grads, sumsq, rho, eps=1e-12, adaptive=False, eta=0.0, normalize=True):
+    return [torch.empty_like(g, dtype=p.dtype) for p, g in zip(params, grads)]
+
+
+def _fake_restore_(params, backups):
+    return None
+
+
+def _fake_fsam_direction_(grads, ema, sigma, lmbda, first, params=None, eta=0.0):
+    return torch.empty(1, dtype=torch.float32, device=_device_of(grads))
+
+
+_FAKES = {
+    "grad_sumsq": _fake_grad_sumsq,
+    "perturb_": _fake_perturb_,
+    "perturb_batched": _fake_perturb_batched,
+    "restore_": _fake_restore_,
+    "fsam_direction_": _fake_fsam_direction_,
+}
+
+_libraries = []  # keep the Library objects alive: dropping one unregisters its ops
+
+
+def _define_all() -> None:
+    for ns in NAMESPACES:
+        lib = torch.library.Library(ns, "DEF")
+        for name, schema in SCHEMAS.items():
+            lib.define(schema)
+            torch.library.register_fake(f"{ns}::{name}", _FAKES[name], lib=lib)
+        _libraries.append(lib)
+    reference_impl = torch.library.Library("sam_fused", "IMPL")
+    for name in OPS:
+        reference_impl.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
+    _libraries.append(reference_impl)
+
+
+_define_all()

@@ -1,0 +1,125 @@
+"""The `torch` backend: pure-PyTorch reference of every op (DESIGN section 3).
+
+Every fused backend is validated against these functions. They favour clarity over speed, but use
+``torch._foreach_*`` where the math is elementwise so that they are a reasonable fallback. All arithmetic is in
+fp32 whatever the storage dtype; results are rounded to the storage dtype once, at the store.
+
+Canonical per-element formulas (the compiled kernels use the same order of operations, csrc/shared/sam_math.h):
+    t     = |w| + eta                   (adaptive only; t = 1 otherwise)
+    scale = rho / (sqrt(sumsq) + eps)   (scale = rho when normalize=False); 0 if sumsq is not finite
+    w'    = w + scale * (t * t * g)     (w' = w when sumsq is not finite)
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+def _f32(ts: Tensors) -> Tensors:
+    return [t.float() for t in ts]
+
+
+def _t_factor(params: Tensors, eta: float) -> Tensors:
+    """t = |w| + eta in fp32."""
+    return torch._foreach_add(torch._foreach_abs(_f32(params)), eta)
+
+
+def _scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, finite) as fp32 device tensors shaped like sumsq; no host sync."""
+    sumsq = sumsq.float()
+    finite = torch.isfinite(sumsq)
+    scale = rho / (sumsq.sqrt() + eps) if normalize else torch.full_like(sumsq, rho)
+    return torch.where(finite, scale, torch.zeros_like(scale)), finite
+
+
+def grad_sumsq(grads: Tensors, params: Tensors | None = None, eta: float = 0.0, micro_batches: int = 1) -> torch.Tensor:
+    k = micro_batches
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros(k, dtype=torch.float32, device=device)
+    if not grads:
+        return total
+    xs = _f32(grads)
+    if params is not None:
+        t = _t_factor(params, eta)
+        xs = torch._foreach_mul(xs, t) if k == 1 else [x * ti for x, ti in zip(xs, t)]  # t broadcasts over k
+    for x in xs:  # [k, n] per tensor, summed per slice
+        total += x.reshape(k, -1).square().sum(dim=1)
+    return total
+
+
+def perturb_(
+    params: Tensors,
+    grads: Tensors,
+    backups: Tensors,
+    sumsq: torch.Tensor,
+    rho: float,
+    eps: float = 1e-12,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    normalize: bool = True,
+) -> None:
+    if not params:
+        return
+    torch._foreach_copy_(backups, params)
+    scale, finite = _scale(sumsq.reshape(-1)[:1], rho, eps, normalize)
+    direction = _f32(grads)
+    if adaptive:
+        t = _t_factor(params, eta)
+        direction = torch._foreach_mul(direction, torch._foreach_mul(t, t))
+    for p, d in zip(params, direction):
+        p.copy_(torch.where(finite, p.float() + scale * d, p.float()))
+
+
+def perturb_batched(
+    params: Tensors,
+    grads: Tensors,
+    sumsq: torch.Tensor,
+    rho: float,
+    eps: float = 1e-12,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    normalize: bool = True,
+) -> Tensors:
+    if not params:
+        return []
+    k = grads[0].shape[0]
+    scale, finite = _scale(sumsq.reshape(k), rho, eps, normalize)
+    outs = []
+    for p, g in zip(params, grads):
+        w = p.float().unsqueeze(0)  # [1, *p.shape], broadcast over k
+        d = g.float()
+        if adaptive:
+            t = w.abs() + eta
+            d = t * t * d
+        bcast = (k,) + (1,) * p.dim()
+        out = torch.where(finite.view(bcast), w + scale.view(bcast) * d, w)
+        outs.append(out.to(p.dtype))
+    return outs
+
+
+def restore_(params: Tensors, backups: Tensors) -> None:
+    if params:
+        torch._foreach_copy_(params, backups)
+
+
+def fsam_direction_(
+    grads: Tensors,
+    ema: Tensors,
+    sigma: float,
+    lmbda: float,
+    first: bool,
+    params: Tensors | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    if grads:
+        if first:  # m = g, d = g
+            torch._foreach_copy_(ema, grads)
+        else:  # d = g - sigma * m_prev; m = lmbda * m_prev + (1 - lmbda) * g
+            g, m = _f32(grads), _f32(ema)
+            d = torch._foreach_sub(g, torch._foreach_mul(m, sigma))
+            new_m = torch._foreach_add(torch._foreach_mul(m, lmbda), torch._foreach_mul(g, 1.0 - lmbda))
+            torch._foreach_copy_(grads, d)
+            torch._foreach_copy_(ema, new_m)
+    return grad_sumsq(grads, params, eta, 1)  # of the stored (rounded) direction
