@@ -30,7 +30,8 @@ def _scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool) -> tupl
     """(scale, finite) as fp32 device tensors shaped like sumsq; no host sync."""
     sumsq = sumsq.float()
     finite = torch.isfinite(sumsq)
-    scale = rho / (sumsq.sqrt() + eps) if normalize else torch.full_like(sumsq, rho)
+    rho_t = torch.full_like(sumsq, rho)
+    scale = rho_t / (sumsq.sqrt() + eps) if normalize else rho_t  # a true division (rho / t is rho * (1 / t))
     return torch.where(finite, scale, torch.zeros_like(scale)), finite
 
 

@@ -1,0 +1,60 @@
+// sam_math.h — the per-element formulas of every sam_fused op, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda)
+// kernels so that there is one formula with two callers. The reference they must match is
+// sam_fused/reference.py; the order of operations below is the reference's, so fp32 results agree to rounding.
+//
+// Each function is a template over the value type V: float on CUDA and in scalar tails, at::vec::Vectorized<float>
+// in the CPU vector loops. Only +, -, * are used on V; abs and sqrt are done by the caller (their spelling differs).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SAM_HD __host__ __device__ __forceinline__
+#else
+#define SAM_HD inline
+#endif
+
+namespace sam_fused {
+
+constexpr float kDefaultEps = 1e-12f;
+
+// scale = rho / (sqrt(sumsq) + eps), or rho when the perturbation is unnormalized; 0 when sumsq is not finite
+// (non-finite gradients: the kernels then leave w untouched rather than multiply inf by 0).
+SAM_HD float perturb_scale(float sumsq, float rho, float eps, bool normalize) {
+  if (!isfinite(sumsq)) return 0.0f;
+  return normalize ? rho / (sqrtf(sumsq) + eps) : rho;
+}
+
+SAM_HD bool perturb_enabled(float sumsq) { return isfinite(sumsq); }
+
+// SAM: w' = w + scale * g
+template <class V>
+SAM_HD V perturbed(V w, V g, V scale) {
+  return w + scale * g;
+}
+
+// ASAM: t = |w| + eta (caller computes it), w' = w + scale * ((t * t) * g)
+template <class V>
+SAM_HD V perturbed_adaptive(V w, V t, V g, V scale) {
+  return w + scale * ((t * t) * g);
+}
+
+// Term of the squared norm: (t * g)^2, or g^2 without the adaptive factor.
+template <class V>
+SAM_HD V square(V x) {
+  return x * x;
+}
+
+// F-SAM direction d = g - sigma * m_prev (m_prev is the EMA before this step)
+template <class V>
+SAM_HD V fsam_direction(V g, V m_prev, V sigma) {
+  return g - m_prev * sigma;
+}
+
+// F-SAM EMA m = lmbda * m_prev + (1 - lmbda) * g
+template <class V>
+SAM_HD V fsam_ema(V g, V m_prev, V lmbda, V one_minus_lmbda) {
+  return m_prev * lmbda + g * one_minus_lmbda;
+}
+
+}  // namespace sam_fused
