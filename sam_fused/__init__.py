@@ -3,7 +3,18 @@
 from . import ops
 from ._backends import BackendStatus, backends
 from ._backends import warn_if_cpu_missing as _warn_if_cpu_missing
+from .batchnorm import disable_running_stats, enable_running_stats, running_stats_disabled
+from .optim import SAM, FriendlySAM
 
-__all__ = ["BackendStatus", "backends", "ops"]
+__all__ = [
+    "SAM",
+    "BackendStatus",
+    "FriendlySAM",
+    "backends",
+    "disable_running_stats",
+    "enable_running_stats",
+    "ops",
+    "running_stats_disabled",
+]
 
 _warn_if_cpu_missing()

@@ -1,0 +1,76 @@
+"""mSAM (micro-batch SAM), sequential form: k unperturbed and k perturbed passes.
+
+G = (1/k) * sum_j grad L_{B_j}(w + e_j),  e_j = rho * g_j / (||g_j|| + eps),  g_j = grad L_{B_j}(w).
+g_j comes from torch.autograd.grad (it does not touch .grad); the perturbed gradients accumulate into .grad with
+weight 1/k, so .grad holds G when the base optimizer steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .batchnorm import running_stats_disabled
+from .optim import SAM, _Slot
+
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _as_tuple(x: Batch) -> tuple[torch.Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def split_micro_batches(inputs: Batch, targets: Batch, k: int) -> list[tuple[tuple, tuple]]:
+    """k disjoint micro-batches [(inputs_j, targets_j)], split along dim 0; k must divide the batch."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"micro_batches must be an integer >= 1, got {k!r}")
+    xs, ys = _as_tuple(inputs), _as_tuple(targets)
+    sizes = {t.shape[0] if t.dim() else None for t in xs + ys}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"inputs and targets must share one batch size along dim 0, got {sorted(map(str, sizes))}")
+    n = sizes.pop()
+    if n % k:
+        raise ValueError(f"micro_batches={k} does not divide the batch size {n}")
+    parts_x = [t.chunk(k) for t in xs]
+    parts_y = [t.chunk(k) for t in ys]
+    return [(tuple(p[j] for p in parts_x), tuple(p[j] for p in parts_y)) for j in range(k)]
+
+
+def msam_sequential(
+    opt: SAM, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], inputs: Batch, targets: Batch, k: int
+) -> torch.Tensor:
+    batches = split_micro_batches(inputs, targets, k)
+    slots_params = [(g, [p for p in g["params"] if p.requires_grad]) for g in opt.param_groups]
+    flat = [p for _, ps in slots_params for p in ps]
+    opt.zero_grad(set_to_none=True)
+    losses = []
+    try:
+        for xj, yj in batches:
+            loss = loss_fn(model(*xj), *yj)
+            losses.append(loss.detach())
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            opt._perturb(_slots_from(slots_params, grads))
+            with running_stats_disabled(model):
+                (loss_fn(model(*xj), *yj) / k).backward()
+            opt.restore()
+    except BaseException:
+        opt.restore()
+        raise
+    opt.base_optimizer.step()
+    return torch.stack(losses).mean()
+
+
+def _slots_from(slots_params: list, grads: tuple) -> list[_Slot]:
+    """Slots (group, params, grads) from autograd.grad's output, skipping params it returned no gradient for."""
+    slots, i = [], 0
+    for group, params in slots_params:
+        ps, gs = [], []
+        for p in params:
+            if grads[i] is not None:
+                ps.append(p)
+                gs.append(grads[i])
+            i += 1
+        if ps:
+            slots.append(_Slot(group, ps, gs))
+    return slots

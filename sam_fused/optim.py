@@ -1,0 +1,332 @@
+"""SAM-family optimizers: SAM / ASAM / unnormalized SAM (``SAM``) and Friendly-SAM (``FriendlySAM``).
+
+Drop-in for the most used PyTorch SAM port (same constructor, ``first_step`` / ``second_step`` / ``step(closure)``,
+``base_optimizer``, shared ``param_groups``), with the optimizer-side work done by the fused op layer
+(``sam_fused.ops``), plus what the port lacks: checkpointing of the base optimizer's state, GradScaler support,
+explicit ``restore()``, weights restored when the closure raises, and ``msam_step`` (micro-batch SAM).
+
+Equations (DESIGN section 1), with the global norm taken over every parameter that has a gradient:
+    SAM   e = rho * g / (||g|| + 1e-12)
+    ASAM  e = rho * T^2 * g / (||T * g|| + 1e-12),  T = |w| + eta        (per group: adaptive=True, eta)
+    unnormalized SAM  e = rho * g                                        (per group: normalize=False)
+    F-SAM as SAM/ASAM with g replaced by d = g - sigma * m, m an EMA of g
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import ops
+
+EPS = 1e-12
+SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
+
+
+@dataclass
+class _Slot:
+    """The parameters of one param group that have a gradient this step, with their gradients."""
+
+    group: dict[str, Any]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+
+
+def _check_hyper(group: dict[str, Any]) -> None:
+    if not group["rho"] >= 0.0:
+        raise ValueError(f"rho must be >= 0, got {group['rho']}")
+    if not group["eta"] >= 0.0:
+        raise ValueError(f"eta must be >= 0, got {group['eta']}")
+    if "lmbda" in group and not 0.0 <= group["lmbda"] <= 1.0:
+        raise ValueError(f"lmbda must be in [0, 1], got {group['lmbda']}")
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around any base optimizer.
+
+    Args:
+        params: parameters or param groups (groups may set their own rho / adaptive / eta / normalize).
+        base_optimizer: an optimizer class (built here over the same param groups with ``**base_kwargs``) or an
+            optimizer instance already built over the same parameters.
+        rho: neighbourhood radius. adaptive: ASAM (T = |w| + eta). eta: ASAM's offset.
+        normalize: False gives unnormalized SAM, e = rho * T^2 * g.
+        backend: op-layer backend ("auto", "torch", "cpu", "triton", "cuda").
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        normalize: bool = True,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **self._extra_defaults())
+        defaults.update(base_kwargs)
+        super().__init__(params, defaults)
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise TypeError(f"base optimizer keyword arguments {sorted(base_kwargs)} given with an optimizer "
+                                "instance; set them on the instance instead")
+            self._adopt(base_optimizer)
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
+        self.param_groups = self.base_optimizer.param_groups  # shared: LR schedulers work on either object
+        self.defaults.update(self.base_optimizer.defaults)
+        self.backend = backend
+        self._backups: dict[torch.Tensor, torch.Tensor] = {}  # reused every step; never checkpointed
+        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.last_grad_norm: torch.Tensor | None = None
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return {}
+
+    def _adopt(self, base: torch.optim.Optimizer) -> None:
+        """Use an existing optimizer over the same parameters; copy each SAM group's settings into its group."""
+        owner = {p: g for g in self.param_groups for p in g["params"]}
+        for bg in base.param_groups:
+            sam_groups = {id(owner[p]) for p in bg["params"] if p in owner}
+            if len(sam_groups) != 1 or any(p not in owner for p in bg["params"]):
+                raise ValueError("base_optimizer instance must be built over the same parameters (and groups) as SAM")
+            sg = owner[bg["params"][0]]
+            for key in self.defaults:
+                if key in SAM_KEYS or key in self._extra_defaults():
+                    bg[key] = sg[key]
+        if sum(len(g["params"]) for g in base.param_groups) != len(owner):
+            raise ValueError("base_optimizer instance must be built over the same parameters as SAM")
+        self.base_optimizer = base
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_hyper(self.param_groups[-1])
+
+    # -- perturbation ---------------------------------------------------------------------------------------------
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between first_step() and second_step()/restore(): the weights are w + e, not w."""
+        return bool(self._perturbed)
+
+    def _slots(self) -> list[_Slot]:
+        slots = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse or g.layout != torch.strided:
+                    raise TypeError(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) has a sparse "
+                                    "gradient; SAM needs dense gradients")
+                if g.is_complex():
+                    raise TypeError(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is complex; "
+                                    "sam_fused supports real floating-point parameters only")
+                params.append(p)
+                grads.append(g)
+            if params:
+                slots.append(_Slot(group, params, grads))
+        return slots
+
+    def _direction_sumsq(self, slots: list[_Slot]) -> torch.Tensor | None:
+        """Sum over all slots of (T * direction)^2, fp32 [1] on the first slot's device. SAM's direction is g."""
+        total = None
+        for s in slots:
+            part = ops.grad_sumsq(s.grads, s.params if s.group["adaptive"] else None, s.group["eta"],
+                                  backend=self.backend)
+            total = part if total is None else total + part.to(total.device, non_blocking=True)
+        return total
+
+    def _backups_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            b = self._backups.get(p)
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = self._backups[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            out.append(b)
+        return out
+
+    @torch.no_grad()
+    def _perturb(self, slots: list[_Slot]) -> torch.Tensor | None:
+        """w <- w + e for every slot, with one global norm; returns the norm (a device tensor, no host sync)."""
+        if self._perturbed:
+            raise RuntimeError("weights are already perturbed: call second_step() or restore() before first_step()")
+        sumsq = self._direction_sumsq(slots)
+        if sumsq is None:
+            return None
+        for s in slots:
+            backups = self._backups_for(s.params)
+            g = s.group
+            ops.perturb_(s.params, s.grads, backups, sumsq, g["rho"], EPS, g["adaptive"], g["eta"], g["normalize"],
+                         backend=self.backend)
+            self._perturbed.append((s.params, backups))
+        return sumsq.sqrt()
+
+    @torch.no_grad()
+    def first_step(
+        self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> torch.Tensor | None:
+        """Perturb the weights along the current gradients: w <- w + e.
+
+        With ``grad_scaler`` the gradients are unscaled in place first, and non-finite gradients (the overflow the
+        scaler will skip) leave the weights unperturbed. Returns the global norm of the perturbation direction as a
+        device tensor (inf/nan when the perturbation was skipped; reading it synchronizes, so only read if needed).
+        """
+        slots = self._slots()
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            self._unscale(slots, grad_scaler)
+        self.last_grad_norm = self._perturb(slots)
+        if zero_grad:
+            self.zero_grad()
+        return self.last_grad_norm
+
+    @staticmethod
+    def _unscale(slots: list[_Slot], grad_scaler: torch.amp.GradScaler) -> None:
+        scale = getattr(grad_scaler, "_scale", None)  # device tensor; get_scale() would sync with the host
+        if scale is None:
+            raise RuntimeError("grad_scaler has no scale yet: call grad_scaler.scale(loss).backward() first")
+        inv = scale.double().reciprocal().float()
+        for s in slots:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for g in s.grads:
+                by_device.setdefault(g.device, []).append(g)
+            for device, grads in by_device.items():
+                torch._foreach_mul_(grads, inv.to(device, non_blocking=True))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights saved by first_step (bit-exact). A no-op when not perturbed."""
+        for params, backups in self._perturbed:
+            ops.restore_(params, backups, backend=self.backend)
+        self._perturbed.clear()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore w, then take the base optimizer's step with the gradients computed at w + e.
+
+        With ``grad_scaler``, the scaler unscales those gradients and skips the step if they are not finite; the
+        weights are restored first either way. Call ``grad_scaler.update()`` afterwards as usual.
+        """
+        self.restore()
+        if grad_scaler is not None:
+            grad_scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True  # what an LR scheduler's wrapper of step() records: the optimizer has stepped
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One SAM step. The caller has already run the first forward/backward; `closure` re-runs it (at w + e).
+
+        Returns the closure's loss. If the closure raises, the weights are restored before the error propagates.
+        """
+        if closure is None:
+            raise ValueError("SAM.step() needs a closure that recomputes the loss and calls backward(); "
+                             "or call first_step() and second_step() yourself")
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss
+
+    def msam_step(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        inputs: torch.Tensor | tuple[torch.Tensor, ...],
+        targets: torch.Tensor | tuple[torch.Tensor, ...],
+        micro_batches: int = 1,
+    ) -> torch.Tensor:
+        """mSAM: split the batch into `micro_batches` (k) disjoint micro-batches, perturb with each one's own
+        gradient, average the gradients at the k perturbed points and take the base step. k=1 is SAM.
+
+        `loss_fn(model(*inputs_j), *targets_j)` must return the mean loss of micro-batch j. Existing gradients are
+        discarded. Returns the mean unperturbed loss (a detached tensor).
+        """
+        from .msam import msam_sequential
+
+        return msam_sequential(self, model, loss_fn, inputs, targets, micro_batches)
+
+    # -- checkpointing --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._perturbed:
+            raise RuntimeError("state_dict() while the weights are perturbed would save w + e: call second_step() "
+                               "or restore() first")
+        sd = super().state_dict()
+        sd["base_optimizer"] = self.base_optimizer.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "base_optimizer" not in state_dict:
+            raise ValueError("not a sam_fused state_dict: it has no 'base_optimizer' entry")
+        self.restore()
+        state_dict = dict(state_dict)
+        self.base_optimizer.load_state_dict(state_dict.pop("base_optimizer"))
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups  # load_state_dict made new group dicts: share again
+        for group in self.param_groups:
+            _check_hyper(group)
+
+
+class FriendlySAM(SAM):
+    """Friendly-SAM (F-SAM, Li et al. CVPR 2024): perturb along d = g - sigma * m, where m is an EMA of gradients.
+
+    First step: m = g, d = g. Later: d = g - sigma * m_prev; m = lmbda * m_prev + (1 - lmbda) * g (the official order).
+    sigma=0 is SAM. The EMA lives in ``state[p]["fsam_ema"]`` and is checkpointed.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        normalize: bool = True,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        self._fsam_defaults = {"sigma": sigma, "lmbda": lmbda}
+        super().__init__(params, base_optimizer, rho, adaptive, eta, normalize, backend, **base_kwargs)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return self._fsam_defaults
+
+    def _direction_sumsq(self, slots: list[_Slot]) -> torch.Tensor | None:
+        """grads <- d in place (and the EMA advanced); returns the sum of (T * d)^2."""
+        total = None
+        for s in slots:
+            g = s.group
+            # Parameters seen for the first time start their EMA (first=True); split them from the others.
+            new = [("fsam_ema" not in self.state[p]) for p in s.params]
+            for first in (True, False):
+                idx = [i for i, is_new in enumerate(new) if is_new == first]
+                if not idx:
+                    continue
+                params = [s.params[i] for i in idx]
+                if first:
+                    for p in params:
+                        self.state[p]["fsam_ema"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                ema = [self.state[p]["fsam_ema"] for p in params]
+                part = ops.fsam_direction_([s.grads[i] for i in idx], ema, g["sigma"], g["lmbda"], first,
+                                           params if g["adaptive"] else None, g["eta"], backend=self.backend)
+                total = part if total is None else total + part.to(total.device, non_blocking=True)
+        return total
+
+    def msam_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError("msam_step is defined for SAM/ASAM; F-SAM's EMA has no micro-batch form here")

@@ -1,0 +1,72 @@
+"""Shared test helpers: which backends run here, a tiny functional model, hand-written SAM-family formulas."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+import sam_fused
+
+# Backends whose optimizer-level behaviour is tested on CPU tensors (the Triton interpreter has its own op tests).
+CPU_BACKENDS = [b for b in ("torch", "cpu") if sam_fused.backends()[b].available]
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def make_data(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=gen), torch.randn(n, 3, generator=gen)
+
+
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y).pow(2).mean()
+
+
+def loss_grad(model: torch.nn.Module, w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Gradient of the mean loss at weights `w` (a name -> tensor dict), without touching the model."""
+    w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+    loss = mse(functional_call(model, w, (x,)), y)
+    grads = torch.autograd.grad(loss, list(w.values()))
+    return dict(zip(w.keys(), grads))
+
+
+def perturbation(w: dict, g: dict, rho: float, adaptive: dict | bool = False, eta: float = 0.0,
+                 normalize: bool = True) -> dict:
+    """e = rho * T^2 * g / (||T g|| + 1e-12), T = |w| + eta where adaptive (per name), else 1 (DESIGN section 1)."""
+    ad = adaptive if isinstance(adaptive, dict) else {k: adaptive for k in w}
+    t = {k: (w[k].abs() + eta) if ad[k] else torch.ones_like(w[k]) for k in w}
+    norm = torch.sqrt(sum(((t[k] * g[k]) ** 2).sum() for k in w))
+    scale = rho / (norm + 1e-12) if normalize else rho
+    return {k: scale * t[k] ** 2 * g[k] for k in w}
+
+
+class HandSGD:
+    """torch.optim.SGD's update written out: buf = momentum * buf + g (first step: buf = g); w -= lr * buf."""
+
+    def __init__(self, lr: float, momentum: float = 0.0) -> None:
+        self.lr, self.momentum, self.buf = lr, momentum, None
+
+    def step(self, w: dict, g: dict) -> dict:
+        if self.momentum:
+            self.buf = dict(g) if self.buf is None else {k: self.momentum * self.buf[k] + g[k] for k in g}
+            g = self.buf
+        return {k: w[k] - self.lr * g[k] for k in w}
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_weights_close(model: torch.nn.Module, expected: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(v.detach(), expected[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def sam_step(model: torch.nn.Module, opt: sam_fused.SAM, x: torch.Tensor, y: torch.Tensor) -> None:
+    mse(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    mse(model(x), y).backward()
+    opt.second_step(zero_grad=True)

@@ -1,0 +1,486 @@
+"""SAM / ASAM / unnormalized SAM / F-SAM / mSAM against hand-written formulas (DESIGN sections 1, 2, 5)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from helpers import (
+    CPU_BACKENDS,
+    HandSGD,
+    assert_weights_close,
+    loss_grad,
+    make_data,
+    make_model,
+    mse,
+    perturbation,
+    sam_step,
+    weights,
+)
+
+import sam_fused
+
+STEPS = 4
+LR, MOMENTUM = 0.1, 0.9
+
+pytestmark = pytest.mark.parametrize("backend", CPU_BACKENDS)
+
+
+def _is_weight(name: str) -> bool:
+    return name.endswith("weight")
+
+
+def _groups(model: torch.nn.Module, **per_kind: dict) -> list[dict]:
+    """Two param groups: weights and biases, each with its own options."""
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if _is_weight(n)], **per_kind.get("weight", {})},
+        {"params": [p for n, p in named if not _is_weight(n)], **per_kind.get("bias", {})},
+    ]
+
+
+VARIANTS = {
+    # name: (SAM kwargs or groups-builder, hand formula kwargs)
+    "sam": (dict(rho=0.05), dict(rho=0.05)),
+    "asam_port": (dict(rho=0.5, adaptive=True), dict(rho=0.5, adaptive=True)),
+    "unnormalized": (dict(rho=0.05, normalize=False), dict(rho=0.05, normalize=False)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_sam_variants_match_formula(backend: str, variant: str) -> None:
+    sam_kw, hand_kw = VARIANTS[variant]
+    model, (x, y) = make_model(), make_data()
+    w, hand = weights(model), HandSGD(LR, MOMENTUM)
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, backend=backend, **sam_kw)
+    for _ in range(STEPS):
+        sam_step(model, opt, x, y)
+        e = perturbation(w, loss_grad(model, w, x, y), **hand_kw)
+        w = hand.step(w, loss_grad(model, {k: w[k] + e[k] for k in w}, x, y))
+    assert_weights_close(model, w)
+
+
+def test_asam_official_convention(backend: str) -> None:
+    """Official ASAM: eta=0.01, T only on weights (biases T=1), one norm over both groups."""
+    model, (x, y) = make_model(), make_data()
+    w, hand = weights(model), HandSGD(LR, MOMENTUM)
+    groups = _groups(model, weight=dict(adaptive=True, eta=0.01), bias=dict(adaptive=False))
+    opt = sam_fused.SAM(groups, torch.optim.SGD, rho=0.5, lr=LR, momentum=MOMENTUM, backend=backend)
+    adaptive = {n: _is_weight(n) for n in w}
+    for _ in range(STEPS):
+        sam_step(model, opt, x, y)
+        e = perturbation(w, loss_grad(model, w, x, y), 0.5, adaptive, eta=0.01)
+        w = hand.step(w, loss_grad(model, {k: w[k] + e[k] for k in w}, x, y))
+    assert_weights_close(model, w)
+
+
+def test_param_groups_with_different_rho(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    w, hand = weights(model), HandSGD(LR)
+    opt = sam_fused.SAM(_groups(model, weight=dict(rho=0.05), bias=dict(rho=0.3)), torch.optim.SGD, lr=LR,
+                        backend=backend)
+    for _ in range(STEPS):
+        sam_step(model, opt, x, y)
+        g = loss_grad(model, w, x, y)
+        e1, e2 = perturbation(w, g, 0.05), perturbation(w, g, 0.3)  # same global norm, rho per group
+        e = {k: e1[k] if _is_weight(k) else e2[k] for k in w}
+        w = hand.step(w, loss_grad(model, {k: w[k] + e[k] for k in w}, x, y))
+    assert_weights_close(model, w)
+
+
+def test_lr_scheduler_on_sam_object(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    w = weights(model)
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for step in range(STEPS):
+        sam_step(model, opt, x, y)
+        sched.step()
+        e = perturbation(w, loss_grad(model, w, x, y), 0.05)
+        w = HandSGD(LR * 0.5**step).step(w, loss_grad(model, {k: w[k] + e[k] for k in w}, x, y))
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(LR * 0.5**STEPS)
+    assert_weights_close(model, w)
+
+
+def _fsam_hand(model, x, y, steps, rho, sigma, lmbda):
+    w, hand, m = weights(model), HandSGD(LR, MOMENTUM), None
+    for _ in range(steps):
+        g = loss_grad(model, w, x, y)
+        if m is None:
+            m, d = dict(g), g
+        else:
+            d = {k: g[k] - sigma * m[k] for k in g}
+            m = {k: lmbda * m[k] + (1 - lmbda) * g[k] for k in g}
+        e = perturbation(w, d, rho)
+        w = hand.step(w, loss_grad(model, {k: w[k] + e[k] for k in w}, x, y))
+    return w
+
+
+def test_friendly_sam_matches_formula(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    expected = _fsam_hand(model, x, y, STEPS, rho=0.2, sigma=1.0, lmbda=0.6)
+    opt = sam_fused.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.2, sigma=1.0, lmbda=0.6, lr=LR,
+                                momentum=MOMENTUM, backend=backend)
+    for _ in range(STEPS):
+        sam_step(model, opt, x, y)
+    assert_weights_close(model, expected)
+
+
+@pytest.mark.parametrize("steps,sigma", [(1, 1.0), (STEPS, 0.0)])
+def test_friendly_sam_reduces_to_sam(backend: str, steps: int, sigma: float) -> None:
+    """F-SAM's first step is SAM's; with sigma=0 every step is SAM's (bit-identical on the same backend)."""
+    models = make_model(), make_model()
+    x, y = make_data()
+    fsam = sam_fused.FriendlySAM(models[0].parameters(), torch.optim.SGD, sigma=sigma, lr=LR, backend=backend)
+    sam = sam_fused.SAM(models[1].parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    for _ in range(steps):
+        sam_step(models[0], fsam, x, y)
+        sam_step(models[1], sam, x, y)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+
+
+def _msam_hand(model, x, y, k, rho, steps):
+    w, hand = weights(model), HandSGD(LR, MOMENTUM)
+    xs, ys = x.chunk(k), y.chunk(k)
+    for _ in range(steps):
+        total = None
+        for xj, yj in zip(xs, ys):
+            e = perturbation(w, loss_grad(model, w, xj, yj), rho)
+            gj = loss_grad(model, {n: w[n] + e[n] for n in w}, xj, yj)
+            total = gj if total is None else {n: total[n] + gj[n] for n in w}
+        w = hand.step(w, {n: total[n] / k for n in w})
+    return w
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_msam_matches_formula(backend: str, k: int) -> None:
+    model, (x, y) = make_model(), make_data()
+    expected = _msam_hand(model, x, y, k, 0.05, STEPS)
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, backend=backend)
+    for _ in range(STEPS):
+        loss = opt.msam_step(model, mse, x, y, micro_batches=k)
+    assert loss.shape == () and torch.isfinite(loss)
+    assert_weights_close(model, expected)
+
+
+def test_msam_k1_is_sam_and_rho0_is_sgd(backend: str) -> None:
+    x, y = make_data()
+    m_msam, m_sam, m_sgd, m_msgd = (make_model() for _ in range(4))
+    o_msam = sam_fused.SAM(m_msam.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    o_sam = sam_fused.SAM(m_sam.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    o_msgd = sam_fused.SAM(m_msgd.parameters(), torch.optim.SGD, rho=0.0, lr=LR, backend=backend)
+    o_sgd = torch.optim.SGD(m_sgd.parameters(), lr=LR)
+    for _ in range(STEPS):
+        o_msam.msam_step(m_msam, mse, x, y, micro_batches=1)
+        sam_step(m_sam, o_sam, x, y)
+        o_msgd.msam_step(m_msgd, mse, x, y, micro_batches=4)
+        o_sgd.zero_grad()
+        mse(m_sgd(x), y).backward()
+        o_sgd.step()
+    for a, b in zip(m_msam.parameters(), m_sam.parameters()):
+        assert torch.equal(a, b)
+    assert_weights_close(m_msgd, weights(m_sgd))
+
+
+def test_msam_takes_tuples_and_rejects_bad_splits(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    opt.msam_step(model, mse, (x,), (y,), micro_batches=2)
+    with pytest.raises(ValueError, match="does not divide"):
+        opt.msam_step(model, mse, x, y, micro_batches=3)
+    with pytest.raises(ValueError, match="micro_batches"):
+        opt.msam_step(model, mse, x, y, micro_batches=0)
+    with pytest.raises(ValueError, match="batch size"):
+        opt.msam_step(model, mse, x, y[:8], micro_batches=2)
+    assert not opt.is_perturbed
+
+
+def _train(model, opt, x, y, steps):
+    for _ in range(steps):
+        sam_step(model, opt, x, y)
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "adamw", "fsam"])
+def test_state_dict_round_trip_continues_identically(backend: str, kind: str) -> None:
+    def build(model):
+        if kind == "adamw":
+            return sam_fused.SAM(model.parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
+        cls = sam_fused.FriendlySAM if kind == "fsam" else sam_fused.SAM
+        return cls(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, backend=backend)
+
+    x, y = make_data()
+    model = make_model()
+    opt = build(model)
+    _train(model, opt, x, y, 2)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, x, y, 3)
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = make_model(seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = build(resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    _train(resumed, opt2, x, y, 3)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_refused_while_perturbed(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    mse(model(x), y).backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError, match="perturbed"):
+        opt.state_dict()
+    opt.restore()
+    assert "base_optimizer" in opt.state_dict()
+
+
+def test_grad_scaler_matches_unscaled(backend: str) -> None:
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = sam_fused.SAM(m1.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    o2 = sam_fused.SAM(m2.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(STEPS):
+        sam_step(m1, o1, x, y)
+        scaler.scale(mse(m2(x), y)).backward()
+        o2.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(mse(m2(x), y)).backward()
+        o2.second_step(zero_grad=True, grad_scaler=scaler)
+        scaler.update()
+    assert_weights_close(m2, weights(m1))
+
+
+def test_grad_scaler_skips_on_inf(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    w0 = weights(model)
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    first = next(model.parameters())
+
+    scaler.scale(mse(model(x), y)).backward()
+    first.grad[0, 0] = float("inf")
+    norm = opt.first_step(zero_grad=True, grad_scaler=scaler)
+    assert not torch.isfinite(norm)
+    assert_weights_close(model, w0, rtol=0, atol=0)  # no perturbation on a non-finite gradient
+
+    scaler.scale(mse(model(x), y)).backward()
+    first.grad[0, 0] = float("inf")
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    scaler.update()
+    assert_weights_close(model, w0, rtol=0, atol=0)  # restored, and the base step skipped
+    assert not opt.is_perturbed
+    assert scaler.get_scale() < 1024.0
+
+
+def test_raising_closure_restores_weights(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    w0 = weights(model)
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    mse(model(x), y).backward()
+
+    def closure():
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        opt.step(closure)
+    assert not opt.is_perturbed
+    assert_weights_close(model, w0, rtol=0, atol=0)
+
+
+def test_step_with_closure_equals_two_steps(backend: str) -> None:
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = sam_fused.SAM(m1.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    o2 = sam_fused.SAM(m2.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    for _ in range(STEPS):
+        sam_step(m1, o1, x, y)
+        mse(m2(x), y).backward()
+        loss = o2.step(lambda: mse(m2(x), y).backward() or torch.tensor(0.0))
+        o2.zero_grad()
+        assert loss is not None
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_restore_and_is_perturbed(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    w0 = weights(model)
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    mse(model(x), y).backward()
+    assert not opt.is_perturbed
+    opt.first_step()
+    assert opt.is_perturbed
+    assert any(not torch.equal(p, w0[n]) for n, p in model.named_parameters())
+    with pytest.raises(RuntimeError, match="already perturbed"):
+        opt.first_step()
+    opt.restore()
+    assert not opt.is_perturbed
+    assert_weights_close(model, w0, rtol=0, atol=0)
+
+
+def test_params_without_grad_are_skipped(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    unused = torch.nn.Parameter(torch.randn(4))
+    opt = sam_fused.SAM([*model.parameters(), unused], torch.optim.SGD, lr=LR, backend=backend)
+    before = unused.detach().clone()
+    w, hand = weights(model), HandSGD(LR)
+    sam_step(model, opt, x, y)
+    assert torch.equal(unused, before)
+    e = perturbation(w, loss_grad(model, w, x, y), 0.05)  # the norm covers only params with gradients
+    assert_weights_close(model, hand.step(w, loss_grad(model, {k: w[k] + e[k] for k in w}, x, y)))
+
+
+def test_gradient_accumulation(backend: str) -> None:
+    """Grads accumulated over several backward calls are used as one gradient (both passes)."""
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = sam_fused.SAM(m1.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    o2 = sam_fused.SAM(m2.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    sam_step(m1, o1, x, y)
+    for _ in range(2):  # two half batches, each loss / 2
+        for xh, yh in zip(x.chunk(2), y.chunk(2)):
+            (mse(m2(xh), yh) / 2).backward()
+        if _ == 0:
+            o2.first_step(zero_grad=True)
+    o2.second_step(zero_grad=True)
+    assert_weights_close(m2, weights(m1))
+
+
+def test_base_optimizer_instance(backend: str) -> None:
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = sam_fused.SAM(m1.parameters(), torch.optim.SGD, rho=0.1, lr=LR, momentum=MOMENTUM, backend=backend)
+    base = torch.optim.SGD(m2.parameters(), lr=LR, momentum=MOMENTUM)
+    o2 = sam_fused.SAM(m2.parameters(), base, rho=0.1, backend=backend)
+    assert o2.base_optimizer is base and o2.param_groups is base.param_groups
+    _train(m1, o1, x, y, STEPS)
+    _train(m2, o2, x, y, STEPS)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="same parameters"):
+        sam_fused.SAM(make_model().parameters(), base, backend=backend)
+
+
+def test_batchnorm_running_stats_untouched_in_perturbed_pass(backend: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3))
+    x, y = make_data()
+    bn = model[1]
+    model(x)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    h = model[0](x * 3).detach()
+    with sam_fused.running_stats_disabled(model):
+        out = bn(h)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert bn.track_running_stats
+    batch_stats = torch.nn.functional.batch_norm(h, None, None, bn.weight, bn.bias, training=True)
+    torch.testing.assert_close(out, batch_stats)  # still normalizes with the batch's own statistics
+    sam_fused.disable_running_stats(model)
+    sam_fused.enable_running_stats(model)
+    model(x)
+    assert bn.num_batches_tracked.item() == state["num_batches_tracked"].item() + 1
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    before = bn.running_mean.clone()
+    opt.msam_step(model, mse, x, y, micro_batches=2)
+    assert bn.num_batches_tracked.item() == state["num_batches_tracked"].item() + 3  # only the 2 clean passes count
+    assert not torch.equal(bn.running_mean, before)
+
+
+def test_invalid_hyperparameters(backend: str) -> None:
+    params = list(make_model().parameters())
+    with pytest.raises(ValueError, match="rho"):
+        sam_fused.SAM(params, torch.optim.SGD, rho=-0.1, lr=LR, backend=backend)
+    with pytest.raises(ValueError, match="eta"):
+        sam_fused.SAM(params, torch.optim.SGD, adaptive=True, eta=-1.0, lr=LR, backend=backend)
+    for lmbda in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="lmbda"):
+            sam_fused.FriendlySAM(params, torch.optim.SGD, lmbda=lmbda, lr=LR, backend=backend)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        sam_fused.SAM(params, "sgd", lr=LR)
+    opt = sam_fused.SAM(params, torch.optim.SGD, lr=LR, backend=backend)
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "rho": -1.0})
+
+
+def test_sparse_and_complex_gradients_rejected(backend: str) -> None:
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = sam_fused.SAM(emb.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\].*sparse"):
+        opt.first_step()
+    z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = sam_fused.SAM([z], torch.optim.SGD, lr=LR, backend=backend)
+    z.grad = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        opt.first_step()
+    assert not opt.is_perturbed
+
+
+def test_unknown_backend_rejected(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend="nope")
+    mse(model(x), y).backward()
+    with pytest.raises(ValueError, match="unknown sam_fused backend"):
+        opt.first_step()
+    assert not opt.is_perturbed
+
+
+def test_compile_fullgraph_first_step_and_restore(backend: str) -> None:
+    """first_step() and restore() compile with fullgraph=True and match eager."""
+    x, y = make_data()
+    m1, m2 = make_model(), make_model()
+    o1 = sam_fused.SAM(m1.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    o2 = sam_fused.SAM(m2.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    torch._dynamo.reset()
+    perturb = torch.compile(lambda: o2.first_step(), fullgraph=True)
+    restore = torch.compile(lambda: o2.restore(), fullgraph=True)
+    for m, o, first, rest in ((m1, o1, o1.first_step, o1.restore), (m2, o2, perturb, restore)):
+        mse(m(x), y).backward()
+        first()
+        perturbed = weights(m)
+        rest()
+        o.zero_grad()
+        m.perturbed = perturbed
+    for k in m1.perturbed:
+        torch.testing.assert_close(m1.perturbed[k], m2.perturbed[k], rtol=1e-6, atol=1e-7)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_compile_second_step_breaks_only_in_torch_optim(backend: str) -> None:
+    """Documents what stops fullgraph for second_step: torch.optim's own step() inserts a graph break (its
+    `_use_grad` wrapper calls torch._dynamo.graph_break()), and Optimizer.zero_grad is on Dynamo's skip list.
+    Without fullgraph the step compiles and matches eager."""
+    x, y = make_data()
+    model = make_model()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    torch._dynamo.reset()
+    mse(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    mse(model(x), y).backward()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="graph_break"):
+        torch.compile(lambda: opt.second_step(), fullgraph=True)()
+    assert opt.is_perturbed  # tracing failed before anything ran; the weights are as first_step left them
+    opt.restore()
+
+    m1, m2 = make_model(), make_model()
+    o1 = sam_fused.SAM(m1.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    o2 = sam_fused.SAM(m2.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    second = torch.compile(lambda: o2.second_step(zero_grad=True))
+    for _ in range(2):
+        sam_step(m1, o1, x, y)
+        mse(m2(x), y).backward()
+        o2.first_step(zero_grad=True)
+        mse(m2(x), y).backward()
+        second()
+    assert_weights_close(m2, weights(m1))
