@@ -128,10 +128,10 @@ _chosen: dict[tuple[str, torch.device, torch.dtype], str] = {}
 
 def choose(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs one (device, dtype) bucket."""
-    key = (requested, device, dtype)
+    name = requested if requested != "auto" else os.environ.get("SAM_FUSED_BACKEND", "auto")
+    key = (name, device, dtype)
     if key in _chosen:
         return _chosen[key]
-    name = requested if requested != "auto" else os.environ.get("SAM_FUSED_BACKEND", "auto")
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("torch",))
         picked = next(b for b in order if _serves(b, device, dtype) and _verified_on(b, device))
