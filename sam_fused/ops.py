@@ -1,4 +1,4 @@
-"""Public op layer (DESIGN section 3): validate, group into (device, dtype) buckets, run each bucket on a backend.
+"""Public op layer (DESIGN section 3): group into (device, dtype) buckets, run each bucket on a backend.
 
 One bucket is one call of the chosen backend's op, i.e. one fused launch. Data-dependent scalars (sums of squares)
 stay on the device; nothing here synchronizes with the host.
@@ -17,44 +17,28 @@ Tensors = list[torch.Tensor]
 Bucket = tuple[torch.device, torch.dtype]
 
 
-def _check_grad(g: torch.Tensor, where: str) -> None:
-    if g.is_sparse or g.layout != torch.strided:
-        raise TypeError(f"{where} is a sparse/non-strided tensor ({g.layout}); sam_fused needs dense gradients")
-    if g.is_complex():
-        raise TypeError(f"{where} is complex ({g.dtype}); sam_fused supports real floating-point tensors only")
-    if not g.is_floating_point():
-        raise TypeError(f"{where} has dtype {g.dtype}; expected a floating-point tensor")
+def _buckets(name: str, primary: Tensors, others: dict[str, Tensors | None]) -> dict[Bucket, list[int] | None]:
+    """Indices of `primary` grouped by (device, dtype); None stands for "all of them" (the common single bucket).
 
-
-def _buckets(primary: Tensors, others: dict[str, Tensors], lead: int | None = None) -> dict[Bucket, list[int]]:
-    """Indices of `primary` grouped by (device, dtype), after checking every list against it.
-
-    `others` maps a list's name to the list; each entry must match primary's device, dtype and shape
-    (with a leading micro-batch dim `lead` for lists named 'grads' when lead is not None).
+    Only what grouping needs is looked at here, since this runs every step over every parameter: the backend op
+    validates each tensor (the reference and Triton in Python, the C++ kernels in C++) and raises ValueError /
+    TypeError naming the list and index.
     """
     n = len(primary)
-    for name, ts in others.items():
-        if len(ts) != n:
-            raise ValueError(f"{name} has {len(ts)} tensors but params has {n}")
+    for other, ts in others.items():
+        if ts is not None and len(ts) != n:
+            raise ValueError(f"{other} has {len(ts)} tensors but {name} has {n}")
+    keys = [(t.device, t.dtype) for t in primary]
+    if len(set(keys)) <= 1:
+        return {keys[0]: None} if keys else {}
     groups: dict[Bucket, list[int]] = defaultdict(list)
-    for i, p in enumerate(primary):
-        _check_grad(p, f"params[{i}]")
-        for name, ts in others.items():
-            t = ts[i]
-            _check_grad(t, f"{name}[{i}]")
-            shape = (lead, *p.shape) if (lead is not None and name == "grads") else p.shape
-            if t.device != p.device:
-                raise ValueError(f"{name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
-            if t.dtype != p.dtype:
-                raise ValueError(f"{name}[{i}] has dtype {t.dtype} but params[{i}] has {p.dtype}")
-            if t.shape != shape:
-                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        groups[(p.device, p.dtype)].append(i)
-    return groups
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return dict(groups)
 
 
-def _pick(ts: Tensors | None, idx: list[int]) -> Tensors | None:
-    return None if ts is None else [ts[i] for i in idx]
+def _pick(ts: Tensors | None, idx: list[int] | None) -> Tensors | None:
+    return ts if ts is None or idx is None else [ts[i] for i in idx]
 
 
 def _check_k(micro_batches: int) -> None:
@@ -73,14 +57,7 @@ def grad_sumsq(
     """fp32 [k]: sum over tensors of (T*g)^2 per micro-batch slice; T = |params| + eta if params is given, else 1."""
     _check_k(micro_batches)
     k = micro_batches
-    if params is None:
-        groups = _buckets(grads, {}) if k == 1 else _buckets([g[0] for g in grads], {})  # [0]: one slice's shape
-        if k > 1:
-            for i, g in enumerate(grads):
-                if g.dim() == 0 or g.shape[0] != k:
-                    raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}; expected leading dim {k}")
-    else:
-        groups = _buckets(params, {"grads": grads}, lead=k if k > 1 else None)
+    groups = _buckets("grads", grads, {"params": params})
     if not groups:
         device = grads[0].device if grads else torch.device("cpu")
         return torch.zeros(k, dtype=torch.float32, device=device)
@@ -107,7 +84,7 @@ def perturb_(
     """backup <- w; w <- w + rho * T^2 * g / (sqrt(sumsq) + eps) (no division if not normalize); no-op if sumsq is
     not finite."""
     _check_rho(rho)
-    for (device, dtype), idx in _buckets(params, {"grads": grads, "backups": backups}).items():
+    for (device, dtype), idx in _buckets("params", params, {"grads": grads, "backups": backups}).items():
         op = op_table(choose(backend, device, dtype)).perturb_
         op(_pick(params, idx), _pick(grads, idx), _pick(backups, idx), sumsq.to(device, non_blocking=True),
            rho, eps, adaptive, eta, normalize)
@@ -126,20 +103,19 @@ def perturb_batched(
 ) -> Tensors:
     """out[i][j] = w_i + rho * T^2 * g_i[j] / (sqrt(sumsq[j]) + eps): k perturbed copies of every weight."""
     _check_rho(rho)
-    k = sumsq.numel()
     out: Tensors = [None] * len(params)  # type: ignore[list-item]
-    for (device, dtype), idx in _buckets(params, {"grads": grads}, lead=k).items():
+    for (device, dtype), idx in _buckets("params", params, {"grads": grads}).items():
         op = op_table(choose(backend, device, dtype)).perturb_batched
         res = op(_pick(params, idx), _pick(grads, idx), sumsq.to(device, non_blocking=True),
                  rho, eps, adaptive, eta, normalize)
-        for i, r in zip(idx, res):
+        for i, r in zip(range(len(params)) if idx is None else idx, res):
             out[i] = r
     return out
 
 
 def restore_(params: Tensors, backups: Tensors, backend: str = "auto") -> None:
     """w <- backup, bit-exact."""
-    for (device, dtype), idx in _buckets(params, {"backups": backups}).items():
+    for (device, dtype), idx in _buckets("params", params, {"backups": backups}).items():
         op_table(choose(backend, device, dtype)).restore_(_pick(params, idx), _pick(backups, idx))
 
 
@@ -158,7 +134,7 @@ def fsam_direction_(
         raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
     others = {"ema": ema} if params is None else {"ema": ema, "params": params}
     out = None
-    for (device, dtype), idx in _buckets(grads, others).items():
+    for (device, dtype), idx in _buckets("grads", grads, others).items():
         op = op_table(choose(backend, device, dtype)).fsam_direction_
         part = op(_pick(grads, idx), _pick(ema, idx), sigma, lmbda, first, _pick(params, idx), eta)
         out = part if out is None else out + part.to(out.device, non_blocking=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_lists, check_sliced
+
 Tensors = list[torch.Tensor]
 
 
@@ -37,6 +39,10 @@ def _scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool) -> tupl
 
 def grad_sumsq(grads: Tensors, params: Tensors | None = None, eta: float = 0.0, micro_batches: int = 1) -> torch.Tensor:
     k = micro_batches
+    if params is None:
+        check_sliced(grads, k)
+    else:
+        check_lists("params", params, {"grads": grads}, {"grads": k} if k > 1 else None)
     device = grads[0].device if grads else torch.device("cpu")
     total = torch.zeros(k, dtype=torch.float32, device=device)
     if not grads:
@@ -61,6 +67,7 @@ def perturb_(
     eta: float = 0.0,
     normalize: bool = True,
 ) -> None:
+    check_lists("params", params, {"grads": grads, "backups": backups})
     if not params:
         return
     torch._foreach_copy_(backups, params)
@@ -83,9 +90,10 @@ def perturb_batched(
     eta: float = 0.0,
     normalize: bool = True,
 ) -> Tensors:
+    k = sumsq.numel()
+    check_lists("params", params, {"grads": grads}, {"grads": k})
     if not params:
         return []
-    k = grads[0].shape[0]
     scale, finite = _scale(sumsq.reshape(k), rho, eps, normalize)
     outs = []
     for p, g in zip(params, grads):
@@ -101,6 +109,7 @@ def perturb_batched(
 
 
 def restore_(params: Tensors, backups: Tensors) -> None:
+    check_lists("params", params, {"backups": backups})
     if params:
         torch._foreach_copy_(params, backups)
 
@@ -114,6 +123,7 @@ def fsam_direction_(
     params: Tensors | None = None,
     eta: float = 0.0,
 ) -> torch.Tensor:
+    check_lists("grads", grads, {"ema": ema, "params": params})
     if grads:
         if first:  # m = g, d = g
             torch._foreach_copy_(ema, grads)

@@ -1,0 +1,59 @@
+"""Input validation shared by the Python backends (the torch reference, and the Triton ops which dereference raw
+addresses and so must never see a mismatched list). The compiled C++ ops make the same checks in C++.
+
+Errors are ValueError / TypeError naming the list and the index (DESIGN section 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_tensor(t: object, where: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where} is a {type(t).__name__}, expected a torch.Tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"{where} is a sparse/non-strided tensor ({t.layout}); sam_fused needs dense tensors")
+    if t.is_complex():
+        raise TypeError(f"{where} is complex ({t.dtype}); sam_fused supports real floating-point tensors only")
+    if not t.is_floating_point():
+        raise TypeError(f"{where} has dtype {t.dtype}; expected a floating-point tensor")
+    return t
+
+
+def check_lists(
+    primary_name: str,
+    primary: Sequence[torch.Tensor],
+    others: dict[str, Sequence[torch.Tensor] | None],
+    lead: dict[str, int] | None = None,
+) -> None:
+    """Every list in `others` (None entries skipped) must match `primary` tensor by tensor: length, device, dtype and
+    shape, with an extra leading dim lead[name] for the lists named in `lead`."""
+    lead = lead or {}
+    n = len(primary)
+    for name, ts in others.items():
+        if ts is not None and len(ts) != n:
+            raise ValueError(f"{name} has {len(ts)} tensors but {primary_name} has {n}")
+    for i, p in enumerate(primary):
+        check_tensor(p, f"{primary_name}[{i}]")
+        for name, ts in others.items():
+            if ts is None:
+                continue
+            t = check_tensor(ts[i], f"{name}[{i}]")
+            if t.device != p.device:
+                raise ValueError(f"{name}[{i}] is on {t.device} but {primary_name}[{i}] is on {p.device}")
+            if t.dtype != p.dtype:
+                raise ValueError(f"{name}[{i}] has dtype {t.dtype} but {primary_name}[{i}] has {p.dtype}")
+            shape = (lead[name], *p.shape) if name in lead else tuple(p.shape)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {shape}")
+
+
+def check_sliced(grads: Sequence[torch.Tensor], k: int) -> None:
+    """Without params, grad_sumsq's grads only need the leading micro-batch dim k (when k > 1)."""
+    for i, g in enumerate(grads):
+        check_tensor(g, f"grads[{i}]")
+        if k > 1 and (g.dim() == 0 or g.shape[0] != k):
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}; expected leading dim {k}")
