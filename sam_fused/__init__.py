@@ -4,6 +4,7 @@ from . import ops
 from ._backends import BackendStatus, backends
 from ._backends import warn_if_cpu_missing as _warn_if_cpu_missing
 from .batchnorm import disable_running_stats, enable_running_stats, running_stats_disabled
+from .distributed import local_perturbation
 from .optim import SAM, FriendlySAM
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "backends",
     "disable_running_stats",
     "enable_running_stats",
+    "local_perturbation",
     "ops",
     "running_stats_disabled",
 ]

@@ -3,6 +3,10 @@
 G = (1/k) * sum_j grad L_{B_j}(w + e_j),  e_j = rho * g_j / (||g_j|| + eps),  g_j = grad L_{B_j}(w).
 g_j comes from torch.autograd.grad (it does not touch .grad); the perturbed gradients accumulate into .grad with
 weight 1/k, so .grad holds G when the base optimizer steps.
+
+On a DistributedDataParallel model every pass runs under no_sync except the last perturbed backward, whose
+all-reduce averages the accumulated sums: G over k micro-batches per rank, k * world_size in all ("local"
+perturbation, see sam_fused.distributed).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from collections.abc import Callable
 import torch
 
 from .batchnorm import running_stats_disabled
-from .optim import SAM, _Slot
+from .distributed import no_sync_unless
+from .optim import SAM, _Slot, make_slots
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -46,12 +51,13 @@ def msam_sequential(
     opt.zero_grad(set_to_none=True)
     losses = []
     try:
-        for xj, yj in batches:
-            loss = loss_fn(model(*xj), *yj)
-            losses.append(loss.detach())
-            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+        for j, (xj, yj) in enumerate(batches):
+            with no_sync_unless(model, False):
+                loss = loss_fn(model(*xj), *yj)
+                losses.append(loss.detach())
+                grads = torch.autograd.grad(loss, flat, allow_unused=True)
             opt._perturb(_slots_from(slots_params, grads))
-            with running_stats_disabled(model):
+            with no_sync_unless(model, j == k - 1), running_stats_disabled(model):
                 (loss_fn(model(*xj), *yj) / k).backward()
             opt.restore()
     except BaseException:
@@ -71,6 +77,5 @@ def _slots_from(slots_params: list, grads: tuple) -> list[_Slot]:
                 ps.append(p)
                 gs.append(grads[i])
             i += 1
-        if ps:
-            slots.append(_Slot(group, ps, gs))
+        slots.extend(make_slots(group, ps, gs))
     return slots

@@ -15,10 +15,12 @@ Equations (DESIGN section 1), with the global norm taken over every parameter th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import ops
 
@@ -28,11 +30,45 @@ SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 
 @dataclass
 class _Slot:
-    """The parameters of one param group that have a gradient this step, with their gradients."""
+    """Parameters of one param group that have a gradient this step, with their gradients (local tensors).
+
+    `shard_group` is set for parameters sharded across ranks (FSDP2 DTensors with Shard placements): their sums of
+    squares are partial and get all-reduced, as fp32 sums of squares (not norms), before the norm is taken.
+    """
 
     group: dict[str, Any]
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
+    shard_group: Any = None
+    owners: list[torch.Tensor] = field(default_factory=list)  # the parameters themselves (DTensors stay DTensors)
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(local tensor, process group whose ranks hold the other shards, or None)."""
+    if not isinstance(t, DTensor):
+        return t, None
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or not all(isinstance(pl, (Shard, Replicate)) for pl in t.placements):
+        raise NotImplementedError(f"SAM supports DTensors on a 1-D mesh with Shard/Replicate placements, got "
+                                  f"{t.placements} on {mesh}")
+    sharded = any(isinstance(pl, Shard) for pl in t.placements)
+    return t._local_tensor, (mesh.get_group() if sharded else None)
+
+
+def make_slots(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[_Slot]:
+    """One slot per kind of parameter in `group`: plain (or replicated) tensors, and sharded ones per process group."""
+    by_group: dict[Any, _Slot] = {}
+    for p, g in zip(params, grads):
+        p_local, pg = _local(p)
+        slot = by_group.setdefault(pg, _Slot(group, [], [], pg))
+        slot.owners.append(p)
+        slot.params.append(p_local)
+        slot.grads.append(_local(g)[0])
+    return list(by_group.values())
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total + part.to(total.device, non_blocking=True)
 
 
 def _check_hyper(group: dict[str, Any]) -> None:
@@ -131,18 +167,26 @@ class SAM(torch.optim.Optimizer):
                                     "sam_fused supports real floating-point parameters only")
                 params.append(p)
                 grads.append(g)
-            if params:
-                slots.append(_Slot(group, params, grads))
+            slots.extend(make_slots(group, params, grads))
         return slots
 
     def _direction_sumsq(self, slots: list[_Slot]) -> torch.Tensor | None:
-        """Sum over all slots of (T * direction)^2, fp32 [1] on the first slot's device. SAM's direction is g."""
-        total = None
+        """The global sum of (T * direction)^2 over all slots: fp32 [1] on the first slot's device."""
+        total, sharded = None, {}
         for s in slots:
-            part = ops.grad_sumsq(s.grads, s.params if s.group["adaptive"] else None, s.group["eta"],
-                                  backend=self.backend)
-            total = part if total is None else total + part.to(total.device, non_blocking=True)
+            part = self._slot_sumsq(s)
+            if s.shard_group is None:
+                total = _add(total, part)
+            else:
+                sharded[s.shard_group] = _add(sharded.get(s.shard_group), part)
+        for pg, part in sharded.items():
+            dist.all_reduce(part, group=pg)  # every rank holds one shard: sum the squares, then take the root
+            total = _add(total, part)
         return total
+
+    def _slot_sumsq(self, s: _Slot) -> torch.Tensor:
+        """Sum of (T * g)^2 over one slot. SAM's direction is g itself."""
+        return ops.grad_sumsq(s.grads, s.params if s.group["adaptive"] else None, s.group["eta"], backend=self.backend)
 
     def _backups_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -307,25 +351,23 @@ class FriendlySAM(SAM):
     def _extra_defaults(self) -> dict[str, Any]:
         return self._fsam_defaults
 
-    def _direction_sumsq(self, slots: list[_Slot]) -> torch.Tensor | None:
+    def _slot_sumsq(self, s: _Slot) -> torch.Tensor:
         """grads <- d in place (and the EMA advanced); returns the sum of (T * d)^2."""
-        total = None
-        for s in slots:
-            g = s.group
-            # Parameters seen for the first time start their EMA (first=True); split them from the others.
-            new = [("fsam_ema" not in self.state[p]) for p in s.params]
-            for first in (True, False):
-                idx = [i for i, is_new in enumerate(new) if is_new == first]
-                if not idx:
-                    continue
-                params = [s.params[i] for i in idx]
-                if first:
-                    for p in params:
-                        self.state[p]["fsam_ema"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-                ema = [self.state[p]["fsam_ema"] for p in params]
-                part = ops.fsam_direction_([s.grads[i] for i in idx], ema, g["sigma"], g["lmbda"], first,
-                                           params if g["adaptive"] else None, g["eta"], backend=self.backend)
-                total = part if total is None else total + part.to(total.device, non_blocking=True)
+        g, total = s.group, None
+        # Parameters seen for the first time start their EMA (first=True); split them from the others.
+        new = [("fsam_ema" not in self.state[p]) for p in s.owners]
+        for first in (True, False):
+            idx = [i for i, is_new in enumerate(new) if is_new == first]
+            if not idx:
+                continue
+            params = [s.params[i] for i in idx]
+            if first:  # the EMA is laid out like its parameter (a DTensor for a sharded one), for checkpoints
+                for i in idx:
+                    self.state[s.owners[i]]["fsam_ema"] = torch.empty_like(s.owners[i])
+            ema = [_local(self.state[s.owners[i]]["fsam_ema"])[0] for i in idx]
+            part = ops.fsam_direction_([s.grads[i] for i in idx], ema, g["sigma"], g["lmbda"], first,
+                                       params if g["adaptive"] else None, g["eta"], backend=self.backend)
+            total = _add(total, part)
         return total
 
     def msam_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
