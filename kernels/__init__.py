@@ -1,0 +1,21 @@
+"""Triton backend of sam_fused (installed as ``sam_fused.kernels``; DESIGN sections 3-4).
+
+Importing this package registers the Triton kernels as the ``CUDA`` implementations of the ``sam_fused_triton::*``
+ops (and as their ``CPU`` implementations when ``TRITON_INTERPRET=1``, for testing with the Triton interpreter).
+Without the ``triton`` package it raises ImportError, which ``sam_fused.backends()`` reports as "unavailable".
+
+Files: numerics.py (per-element helpers, tile sizes), tables.py (address tables + cache), checks.py (validation,
+contiguous staging), norm.py (grad_sumsq), perturb.py (perturb_, perturb_batched, restore_), fsam.py
+(fsam_direction_), register.py (torch.library registration).
+"""
+
+try:
+    import triton  # noqa: F401
+except ImportError as e:
+    raise ImportError(f"the Triton backend needs the 'triton' package (pip install triton): {e}") from e
+
+from . import tables
+from .checks import INTERPRET
+from .register import DISPATCH_KEYS, IMPLS
+
+__all__ = ["DISPATCH_KEYS", "IMPLS", "INTERPRET", "tables"]

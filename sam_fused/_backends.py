@@ -62,7 +62,7 @@ def _load_triton() -> BackendStatus:
         return BackendStatus(False, f"Triton kernels not importable ({e})")
     if not (_has_kernel("sam_fused_triton", "CUDA") or _has_kernel("sam_fused_triton", "CPU")):
         return BackendStatus(False, "sam_fused.kernels imported but registered no Triton kernels")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _has_kernel("sam_fused_triton", "CPU"):
         return BackendStatus(True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors, for testing only")
     if not torch.cuda.is_available():
         return BackendStatus(False, "Triton kernels importable, but no CUDA device is visible")
@@ -99,8 +99,8 @@ def _serves(name: str, device: torch.device, dtype: torch.dtype) -> bool:
         return True
     if dtype not in COMPILED_DTYPES or not status(name).available:
         return False
-    if name == "triton":
-        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "triton":  # CPU tensors only when the kernels were registered for CPU (the interpreter, for tests)
+        return device.type == "cuda" or (device.type == "cpu" and _has_kernel("sam_fused_triton", "CPU"))
     return device.type == name
 
 

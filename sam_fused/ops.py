@@ -29,6 +29,11 @@ def _buckets(name: str, primary: Tensors, others: dict[str, Tensors | None]) -> 
         if ts is not None and len(ts) != n:
             raise ValueError(f"{other} has {len(ts)} tensors but {name} has {n}")
     keys = [(t.device, t.dtype) for t in primary]
+    devices = {key[0] for key in keys}
+    for other, ts in others.items():  # a tensor on another device would make the dispatcher skip the kernel
+        if ts is not None and not {t.device for t in ts} <= devices:
+            i = next(i for i, t in enumerate(ts) if t.device != keys[i][0])
+            raise ValueError(f"{other}[{i}] is on {ts[i].device} but {name}[{i}] is on {keys[i][0]}")
     if len(set(keys)) <= 1:
         return {keys[0]: None} if keys else {}
     groups: dict[Bucket, list[int]] = defaultdict(list)

@@ -71,7 +71,7 @@ def perturb_(
     if not params:
         return
     torch._foreach_copy_(backups, params)
-    scale, finite = _scale(sumsq.reshape(-1)[:1], rho, eps, normalize)
+    scale, finite = _scale(sumsq.reshape(-1)[0], rho, eps, normalize)  # 0-dim: broadcasts to any shape
     direction = _f32(grads)
     if adaptive:
         t = _t_factor(params, eta)

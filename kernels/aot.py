@@ -1,0 +1,115 @@
+# aot.py — compile every Triton kernel specialization for a GPU target without a GPU (no launch, no driver).
+#
+# Why: the interpreter tests (TRITON_INTERPRET=1) check what the kernels compute, not that the Triton compiler
+# accepts them; a machine without a GPU can still run the whole compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX ->
+# cubin, with the ptxas bundled in the triton wheel) for a chosen target. This module does that for every
+# specialization the ops launch, and checks properties of the generated PTX that the numerics rely on:
+#   * IEEE-rounded sqrt and division in the perturbation scale (sqrt.rn.f32, div.rn.f32), not the approximate ones;
+#   * no contracted multiply-add (fma.*.f32): launches use enable_fp_fusion=False to round like the reference;
+#   * no atomics (atom./red.) anywhere: reductions are the deterministic two-stage kind.
+# Usage: python -m sam_fused.kernels.aot [--arch 80] (must run WITHOUT TRITON_INTERPRET=1).
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator
+from itertools import product
+
+import triton
+import triton.language as tl
+
+from . import fsam, norm, perturb
+from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, REDUCE_BLOCK, STORAGE
+
+_TABLES = {"numels", "unit_tensor", "unit_offset"}
+_FP32_PTRS = {"partials", "out", "sumsq"}
+_FLOATS = {"rho", "eps", "eta", "sigma", "lmbda", "one_minus_lmbda"}
+
+
+def _signature(fn: triton.JITFunction) -> dict[str, str]:
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_addrs") or p.name in _TABLES:
+            sig[p.name] = "*i64"
+        elif p.name in _FP32_PTRS:
+            sig[p.name] = "*fp32"
+        elif p.name == "num_units":
+            sig[p.name] = "i32"
+        elif p.name in _FLOATS:
+            sig[p.name] = "fp32"
+        else:
+            raise KeyError(f"{fn.__name__}: no AOT type for argument {p.name!r}; update kernels/aot.py")
+    return sig
+
+
+def specializations() -> Iterator[tuple[str, triton.JITFunction, dict]]:
+    """(label, kernel, constexprs) for every kernel variant the ops can launch."""
+    tile = {"BLOCK": BLOCK, "ITERS": ITERS}
+    for dtype, (dt, it) in STORAGE.items():
+        name = str(dtype).removeprefix("torch.")
+        for has_t in (False, True):
+            yield f"sumsq {name} HAS_T={has_t}", norm._sumsq_partials, {"HAS_T": has_t, "DT": dt, "IT": it, **tile}
+        for adaptive, normalize in product((False, True), repeat=2):
+            flags = {"ADAPTIVE": adaptive, "NORMALIZE": normalize, "DT": dt, "IT": it, **tile}
+            yield f"perturb {name} {adaptive=} {normalize=}", perturb._perturb_kernel, flags
+            yield f"perturb_batched {name} {adaptive=} {normalize=}", perturb._perturb_batched_kernel, flags
+        for first, has_t in product((False, True), repeat=2):
+            flags = {"FIRST": first, "HAS_T": has_t, "DT": dt, "IT": it, **tile}
+            yield f"fsam {name} {first=} {has_t=}", fsam._fsam_kernel, flags
+    for it in (tl.uint16, tl.uint32):
+        yield f"copy {it}", perturb._copy_kernel, {"IT": it, **tile}
+    yield "combine", norm.combine_partials, {"REDUCE_BLOCK": REDUCE_BLOCK}
+
+
+def check_ptx(label: str, constexprs: dict, ptx: str) -> list[str]:
+    """Problems found in one kernel's PTX (empty when fine)."""
+    problems = []
+    if re.search(r"\bfma\.[a-z.]*f32\b", ptx):
+        problems.append(f"{label}: contracted fma.f32 in the PTX (enable_fp_fusion=False not applied)")
+    if re.search(r"\b(atom|red)\.", ptx):
+        problems.append(f"{label}: atomics in the PTX")
+    if constexprs.get("NORMALIZE") and not ("sqrt.rn.f32" in ptx and "div.rn.f32" in ptx):
+        problems.append(f"{label}: scale not computed with sqrt.rn.f32 / div.rn.f32")
+    return problems
+
+
+def compile_all(arch: int = 80, verbose: bool = False) -> list[str]:
+    """Compile every specialization to cubin for sm_<arch>; returns the problems found (raises on compile errors)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    problems: list[str] = []
+    for label, fn, constexprs in specializations():
+        src = ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs)
+        compiled = triton.compile(src, target=target, options=dict(LAUNCH_OPTIONS))
+        if not compiled.asm.get("cubin"):
+            problems.append(f"{label}: no cubin produced")
+        problems += check_ptx(label, constexprs, compiled.asm["ptx"])
+        if verbose:
+            print(f"compiled {label} for sm_{arch}", flush=True)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile every sam_fused Triton kernel for a GPU, without a GPU.")
+    parser.add_argument("--arch", type=int, default=80, help="CUDA compute capability, e.g. 80 or 90")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(norm._sumsq_partials, InterpretedFunction):
+        print("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr)
+        return 2
+    problems = compile_all(args.arch, args.verbose)
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f"{'FAILED' if problems else 'ok'}: every Triton kernel specialization compiled for sm_{args.arch}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

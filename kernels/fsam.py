@@ -1,0 +1,88 @@
+# fsam.py — fsam_direction_ in Triton: the Friendly-SAM direction, EMA update and its squared norm in one pass.
+#
+# What (official F-SAM order, sam_fused/reference.py):
+#   first step:  ema <- g (raw bits), d = g (grads unchanged)
+#   later steps: d = g - sigma * m_prev; m = lmbda * m_prev + (1 - lmbda) * g; grads <- d; ema <- m
+# and returns fp32 [1] = sum of (T * d)^2 with T = |w| + eta when params are given (else 1).
+# Why fused: the norm of the direction is needed next (perturb_), so it is accumulated while d is in registers,
+# saving a full pass over the gradients. It is taken of the STORED d (rounded to the storage dtype), exactly like the
+# reference, which computes grad_sumsq of the updated grads. Per-program partials + the fixed-order combine of
+# norm.py keep it deterministic (no float atomics).
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import Staged, by_dtype, check_lists
+from .norm import reduce_partials
+from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, STORAGE, bits_to_f32, f32_to_bits, tensor_ptr, unit_of
+from .tables import get_plan
+
+
+@triton.jit
+def _fsam_kernel(g_addrs, m_addrs, p_addrs, numels, unit_tensor, unit_offset, partials, num_units,
+                 sigma, lmbda, one_minus_lmbda, eta, FIRST: tl.constexpr, HAS_T: tl.constexpr,
+                 DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
+    g_ptr = tensor_ptr(g_addrs, t, IT)
+    m_ptr = tensor_ptr(m_addrs, t, IT)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g_bits = tl.load(g_ptr + offs, mask=mask, other=0)
+        if FIRST:
+            tl.store(m_ptr + offs, g_bits, mask=mask)
+            d = bits_to_f32(g_bits, DT)
+        else:
+            g = bits_to_f32(g_bits, DT)
+            m = bits_to_f32(tl.load(m_ptr + offs, mask=mask, other=0), DT)
+            d_bits = f32_to_bits(g - m * sigma, DT)
+            tl.store(g_ptr + offs, d_bits, mask=mask)
+            tl.store(m_ptr + offs, f32_to_bits(m * lmbda + g * one_minus_lmbda, DT), mask=mask)
+            d = bits_to_f32(d_bits, DT)  # the stored, rounded direction
+        if HAS_T:
+            w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT) + offs, mask=mask, other=0), DT)
+            d = d * (tl.abs(w) + eta)
+        acc += d * d
+    tl.store(partials + pid, tl.sum(acc, axis=0))
+
+
+def fsam_direction_(
+    grads: list[torch.Tensor],
+    ema: list[torch.Tensor],
+    sigma: float,
+    lmbda: float,
+    first: bool,
+    params: list[torch.Tensor] | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """F-SAM direction in place (grads <- d, ema updated); returns fp32 [1] sum of (T * d)^2 of the stored d."""
+    device = check_lists("grads", grads, {"ema": ema, "params": params})
+    if device is None:
+        return torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else torch.device("cpu"))
+    total = None
+    for dtype, idx in by_dtype(grads).items():
+        g, m = Staged(grads, idx), Staged(ema, idx)
+        p = Staged(params, idx).tensors if params is not None else None
+        lists = [g.tensors, m.tensors] + ([p] if p is not None else [])
+        plan = get_plan(lists, [t.numel() for t in g.tensors], device)
+        if plan.num_units:
+            dt, it = STORAGE[dtype]
+            partials = torch.empty(plan.num_units, dtype=torch.float32, device=device)
+            _fsam_kernel[(plan.num_units,)](
+                plan.addr(0), plan.addr(1), plan.addr(2 if p is not None else 0), plan.numels, plan.unit_tensor,
+                plan.unit_offset, partials, plan.num_units,
+                float(sigma), float(lmbda), 1.0 - float(lmbda), float(eta),  # 1 - lmbda in double, as the reference
+                FIRST=bool(first), HAS_T=p is not None, DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS,
+            )
+            part = reduce_partials(partials, 1, plan.num_units)
+        else:
+            part = torch.zeros(1, dtype=torch.float32, device=device)
+        g.write_back()
+        m.write_back()
+        total = part if total is None else total + part
+    assert total is not None
+    return total

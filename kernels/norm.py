@@ -1,0 +1,95 @@
+# norm.py — grad_sumsq in Triton: sum over a list of tensors of (T * g)^2, per micro-batch slice, in one launch.
+#
+# What: grads are [k, *p.shape] (k = micro_batches; plain [*p.shape] when k = 1); T = |w| + eta when params are given
+# (broadcast over the k slices), else 1. Result: fp32 [k] on the tensors' device.
+# How, and why this way: a deterministic two-stage reduction, no float atomics (DESIGN section 5).
+#   stage 1 (_sumsq_partials): program pid = j * P + u sums its work unit (tensor, CHUNK elements) of slice j in an
+#           fp32 vector accumulator, reduces it with tl.sum and writes partials[pid];
+#   stage 2 (combine_partials): program j adds partials[j * P : (j + 1) * P] in a fixed order.
+# The partition into work units depends only on the shapes, so the result is the same bits on every run.
+# combine_partials is also used by fsam.py.
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import Staged, by_dtype, check_lists, check_micro_batches, check_sliced
+from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, REDUCE_BLOCK, STORAGE, bits_to_f32, tensor_ptr, unit_of
+from .tables import get_plan
+
+
+@triton.jit
+def _sumsq_partials(g_addrs, p_addrs, numels, unit_tensor, unit_offset, partials, num_units, eta,
+                    HAS_T: tl.constexpr, DT: tl.constexpr, IT: tl.constexpr,
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
+    g_ptr = tensor_ptr(g_addrs, t, IT) + j * n  # slice j of grads[t]
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = bits_to_f32(tl.load(g_ptr + offs, mask=mask, other=0), DT)
+        if HAS_T:
+            w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT) + offs, mask=mask, other=0), DT)
+            x = x * (tl.abs(w) + eta)
+        acc += x * x
+    tl.store(partials + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def combine_partials(partials, out, num_units, REDUCE_BLOCK: tl.constexpr):
+    """out[j] = sum of partials[j * num_units : (j + 1) * num_units], in a fixed order."""
+    j = tl.program_id(0)
+    acc = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+    for s in range(0, num_units, REDUCE_BLOCK):
+        offs = s + tl.arange(0, REDUCE_BLOCK)
+        acc += tl.load(partials + j * num_units + offs, mask=offs < num_units, other=0.0)
+    tl.store(out + j, tl.sum(acc, axis=0))
+
+
+def reduce_partials(partials: torch.Tensor, k: int, num_units: int) -> torch.Tensor:
+    """Stage 2: fp32 [k] from the k * num_units partial sums."""
+    out = torch.empty(k, dtype=torch.float32, device=partials.device)
+    combine_partials[(k,)](partials, out, num_units, REDUCE_BLOCK=REDUCE_BLOCK, **LAUNCH_OPTIONS)
+    return out
+
+
+def grad_sumsq(
+    grads: list[torch.Tensor], params: list[torch.Tensor] | None = None, eta: float = 0.0, micro_batches: int = 1
+) -> torch.Tensor:
+    """fp32 [k]: sum over tensors of (T * g)^2 per micro-batch slice; T = |params| + eta if params is given."""
+    k = check_micro_batches(micro_batches)
+    if params is not None:
+        device = check_lists("params", params, {"grads": grads}, lead={"grads": k} if k > 1 else None)
+    else:
+        device = check_sliced(grads, k)
+    if device is None:
+        return torch.zeros(k, dtype=torch.float32, device=grads[0].device if grads else torch.device("cpu"))
+    total = None
+    for dtype, idx in by_dtype(grads).items():
+        part = _bucket(grads, params, idx, float(eta), k, dtype, device)
+        total = part if total is None else total + part  # buckets added in a fixed order
+    assert total is not None
+    return total
+
+
+def _bucket(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None, idx: list[int], eta: float, k: int,
+            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    g = Staged(grads, idx).tensors
+    p = Staged(params, idx).tensors if params is not None else None
+    lists = [g] if p is None else [g, p]
+    plan = get_plan(lists, [t.numel() // k for t in g], device)
+    if plan.num_units == 0:  # only empty tensors
+        return torch.zeros(k, dtype=torch.float32, device=device)
+    dt, it = STORAGE[dtype]
+    partials = torch.empty(k * plan.num_units, dtype=torch.float32, device=device)
+    _sumsq_partials[(k * plan.num_units,)](
+        plan.addr(0), plan.addr(1 if p is not None else 0), plan.numels, plan.unit_tensor, plan.unit_offset,
+        partials, plan.num_units, eta,
+        HAS_T=p is not None, DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS,
+    )
+    return reduce_partials(partials, k, plan.num_units)

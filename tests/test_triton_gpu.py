@@ -1,0 +1,286 @@
+"""The Triton kernels compiled and run on a CUDA device (marker `gpu`; skipped without one).
+
+Parity with the torch reference run on the same CUDA tensors, for every op and dtype; bit-exact backups and restore;
+no host synchronization (a whole perturb/restore step captured in a CUDA graph and replayed, and
+torch.cuda.set_sync_debug_mode("error") around a steady-state step); the address-table cache on CUDA; opcheck on
+CUDA; the first-use self-check of the dispatcher. Tolerances as in DESIGN section 4: fp32 within 1e-6 relative,
+bf16/fp16 within 1 ulp of the reference's rounding. tests/test_triton_interpret.py covers the same semantics on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sam_fused import ops, reference
+from sam_fused._registry import OPS
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (the Triton kernels are tested on CPU by test_triton_interpret.py)",
+                allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1 is set: the compiled kernels would not run", allow_module_level=True)
+kernels = pytest.importorskip("sam_fused.kernels", reason="triton is not installed (pip install triton)")
+
+T = torch.ops.sam_fused_triton
+CUDA = torch.device("cuda")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(0,), (1,), (7,), (4097,), (3, 5, 7, 2), (9, 6), (70_001,), (1_000_003,)]
+TRANSPOSED = {5}  # non-contiguous (transposed) entries of SHAPES
+T_MODES = {"T=1": (False, 0.0), "T=|w|": (True, 0.0), "T=|w|+0.01": (True, 0.01)}
+
+
+def _tensor(shape: tuple, dtype: torch.dtype, gen: torch.Generator, lead: int | None = None,
+            transposed: bool = False) -> torch.Tensor:
+    full = ((lead,) if lead else ()) + tuple(shape)
+    if transposed:
+        x = torch.randn(*full[:-2], full[-1], full[-2], generator=gen).transpose(-1, -2)
+    else:
+        x = torch.randn(full, generator=gen)
+    return x.to(CUDA, dtype)
+
+
+def _lists(dtype: torch.dtype, k: int = 1, seed: int = 0, always_lead: bool = False,
+           contiguous: bool = False) -> tuple[list, list]:
+    gen = torch.Generator().manual_seed(seed)
+    lead = k if (k > 1 or always_lead) else None
+    nc = set() if contiguous else TRANSPOSED
+    params = [_tensor(s, dtype, gen, transposed=i in nc) for i, s in enumerate(SHAPES)]
+    grads = [_tensor(s, dtype, gen, lead, transposed=i in nc) for i, s in enumerate(SHAPES)]
+    return params, grads
+
+
+def _clone(ts: list) -> list:
+    return [t.clone() for t in ts]
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Integer image of float bits, monotonic in the value (+0 and -0 both map to 0): differences count ulps."""
+    bits = x.view(torch.int32 if x.dtype == torch.float32 else torch.int16).long()
+    sign = torch.tensor(1 << (x.element_size() * 8 - 1), dtype=torch.long, device=x.device)
+    return torch.where(bits >= 0, bits, -(bits + sign))
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN positions differ"
+    finite = ~expected.isnan()
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-6, atol=1e-12, msg=what or None)
+    else:
+        ulps = (_ordered(actual[finite]) - _ordered(expected[finite])).abs()
+        assert ulps.numel() == 0 or ulps.max().item() <= 1, f"{what}: {ulps.max().item()} ulp from the reference"
+
+
+def assert_sumsq(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape and actual.device == expected.device
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-12, equal_nan=True)
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    iv = torch.int32 if actual.dtype == torch.float32 else torch.int16
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert torch.equal(actual.contiguous().view(iv), expected.contiguous().view(iv)), f"{what}: not bit-exact"
+
+
+# ------------------------------------------------------------------------------------------------------- op parity
+
+
+@pytest.mark.parametrize("t_mode", list(T_MODES))
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_sumsq(dtype: torch.dtype, k: int, t_mode: str) -> None:
+    with_t, eta = T_MODES[t_mode]
+    params, grads = _lists(dtype, k)
+    p = params if with_t else None
+    got = T.grad_sumsq(grads, p, eta, k)
+    assert_sumsq(got, reference.grad_sumsq(grads, p, eta, k))
+    assert_bits_equal(T.grad_sumsq(grads, p, eta, k), got, "deterministic")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("t_mode", list(T_MODES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_backup_and_restore(dtype: torch.dtype, t_mode: str, normalize: bool) -> None:
+    adaptive, eta = T_MODES[t_mode]
+    params, grads = _lists(dtype)
+    original = _clone(params)
+    sumsq = reference.grad_sumsq(grads, params if adaptive else None, eta)
+    w_ref, b_ref = _clone(params), [torch.empty_like(p) for p in params]
+    reference.perturb_(w_ref, grads, b_ref, sumsq, 0.05, 1e-12, adaptive, eta, normalize)
+    backups = [torch.empty_like(p) for p in params]
+    T.perturb_(params, grads, backups, sumsq, 0.05, 1e-12, adaptive, eta, normalize)
+    for i, (w, r, b, o) in enumerate(zip(params, w_ref, backups, original)):
+        assert_matches(w, r, f"params[{i}]")
+        assert_bits_equal(b, o, f"backups[{i}]")
+    T.restore_(params, backups)
+    for i, (w, o) in enumerate(zip(params, original)):
+        assert_bits_equal(w, o, f"restored params[{i}]")
+
+
+@pytest.mark.parametrize("variant", ["sam", "asam eta=0.01", "asam unnormalized"])
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_batched(dtype: torch.dtype, k: int, variant: str) -> None:
+    adaptive, eta, normalize = {"sam": (False, 0.0, True), "asam eta=0.01": (True, 0.01, True),
+                                "asam unnormalized": (True, 0.0, False)}[variant]
+    params, grads = _lists(dtype, k, always_lead=True)
+    sliced = grads if k > 1 else [g[0] for g in grads]
+    sumsq = reference.grad_sumsq(sliced, params if adaptive else None, eta, k)
+    got = T.perturb_batched(params, grads, sumsq, 0.05, 1e-12, adaptive, eta, normalize)
+    expected = reference.perturb_batched(params, grads, sumsq, 0.05, 1e-12, adaptive, eta, normalize)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert a.device == e.device
+        assert_matches(a, e, f"out[{i}]")
+
+
+@pytest.mark.parametrize("with_t", [False, True])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fsam_direction(dtype: torch.dtype, first: bool, with_t: bool) -> None:
+    params, grads = _lists(dtype)
+    _, ema = _lists(dtype, seed=1)
+    p = params if with_t else None
+    g_ref, m_ref = _clone(grads), _clone(ema)
+    s_ref = reference.fsam_direction_(g_ref, m_ref, 0.7, 0.6, first, p, 0.01)
+    s_got = T.fsam_direction_(grads, ema, 0.7, 0.6, first, p, 0.01)
+    assert_sumsq(s_got, s_ref)
+    for i in range(len(grads)):
+        assert_matches(grads[i], g_ref[i], f"grads[{i}]")
+        assert_matches(ema[i], m_ref[i], f"ema[{i}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_and_nonfinite_gradients(dtype: torch.dtype) -> None:
+    params, grads = _lists(dtype)
+    zeros = [torch.zeros_like(p) for p in params]
+    s0 = T.grad_sumsq(zeros, params, 0.01, 1)
+    assert torch.equal(s0.cpu(), torch.zeros(1))
+    original, backups = _clone(params), [torch.empty_like(p) for p in params]
+    T.perturb_(params, zeros, backups, s0, 0.05, 1e-12, True, 0.01, True)
+    for p, o in zip(params, original):
+        assert_bits_equal(p, o, "zero gradient => zero perturbation")
+    grads[3][100] = float("inf")
+    s_inf = T.grad_sumsq(grads, None, 0.0, 1)
+    assert not torch.isfinite(s_inf).any()
+    T.perturb_(params, grads, backups, s_inf, 0.05, 1e-12, False, 0.0, True)
+    for p, o, b in zip(params, original, backups):
+        assert_bits_equal(p, o, "non-finite gradient => weights untouched")
+        assert_bits_equal(b, o, "backup still written")
+
+
+def test_table_cache_rebuilt_after_grads_reallocated() -> None:
+    tables = kernels.tables
+    params, grads = _lists(torch.float32)
+    T.grad_sumsq(grads, params, 0.0, 1)
+    builds = tables.stats["builds"]
+    T.grad_sumsq(grads, params, 0.0, 1)
+    assert tables.stats["builds"] == builds
+    old = list(grads)  # alive, so the new tensors get new addresses
+    grads[:] = [torch.randn_like(g) for g in grads]
+    assert_sumsq(T.grad_sumsq(grads, params, 0.0, 1), reference.grad_sumsq(grads, params, 0.0, 1))
+    assert tables.stats["builds"] == builds + 1
+    del old
+
+
+# --------------------------------------------------------------------------------------------------- no host sync
+
+
+def test_step_is_capturable_in_a_cuda_graph() -> None:
+    """grad_sumsq -> perturb_ and restore_ captured once, replayed with new gradient values: nothing syncs with the
+    host (capture would fail) and the replay computes with the device-resident sumsq of the new gradients."""
+    params, grads = _lists(torch.bfloat16, contiguous=True)
+    original = _clone(params)
+    backups = [torch.empty_like(p) for p in params]
+
+    def perturb() -> torch.Tensor:
+        s = ops.grad_sumsq(grads, params, 0.01, backend="triton")
+        ops.perturb_(params, grads, backups, s, 0.05, adaptive=True, eta=0.01, backend="triton")
+        return s
+
+    def restore() -> None:
+        ops.restore_(params, backups, backend="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels and builds the address tables
+        for _ in range(2):
+            perturb()
+            restore()
+    torch.cuda.current_stream().wait_stream(side)
+    g_perturb, g_restore = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_perturb):
+        sumsq = perturb()
+    with torch.cuda.graph(g_restore):
+        restore()
+    for step in range(2):
+        new = _lists(torch.bfloat16, seed=10 + step, contiguous=True)[1]
+        for g, n in zip(grads, new):
+            g.copy_(n)
+        g_perturb.replay()
+        expected_s = reference.grad_sumsq(grads, original, 0.01)
+        w_ref = _clone(original)
+        reference.perturb_(w_ref, grads, [torch.empty_like(p) for p in params], expected_s, 0.05, 1e-12, True, 0.01)
+        torch.cuda.synchronize()
+        assert_sumsq(sumsq, expected_s)
+        for i, (w, r, b, o) in enumerate(zip(params, w_ref, backups, original)):
+            assert_matches(w, r, f"step {step} params[{i}]")
+            assert_bits_equal(b, o, f"step {step} backups[{i}]")
+        g_restore.replay()
+        torch.cuda.synchronize()
+        for i, (w, o) in enumerate(zip(params, original)):
+            assert_bits_equal(w, o, f"step {step} restored params[{i}]")
+
+
+def test_no_host_sync_in_steady_state() -> None:
+    params, grads = _lists(torch.float32, contiguous=True)
+    backups = [torch.empty_like(p) for p in params]
+    ema = [torch.zeros_like(g) for g in grads]
+
+    def step() -> None:
+        s = T.fsam_direction_(grads, ema, 1.0, 0.9, False, params, 0.01)
+        T.perturb_(params, grads, backups, s, 0.05, 1e-12, True, 0.01, True)
+        T.restore_(params, backups)
+
+    step()  # compiles and builds the tables
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------- registration, dispatch
+
+
+def _opcheck_args(name: str) -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(CUDA) for s in [(3,), (2, 5)]]
+    grads = [torch.randn_like(p) for p in params]
+    kgrads = [torch.randn(2, *p.shape, device=CUDA) for p in params]
+    sumsq = reference.grad_sumsq(grads)
+    return {
+        "grad_sumsq": (kgrads, params, 0.01, 2),
+        "perturb_": (params, grads, [torch.empty_like(p) for p in params], sumsq, 0.05, 1e-12, True, 0.01, True),
+        "perturb_batched": (params, kgrads, reference.grad_sumsq(kgrads, None, 0.0, 2), 0.05),
+        "restore_": (params, [torch.randn_like(p) for p in params]),
+        "fsam_direction_": (grads, [torch.randn_like(g) for g in grads], 1.0, 0.9, False, params, 0.01),
+    }[name]
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name: str) -> None:
+    torch.library.opcheck(getattr(T, name), _opcheck_args(name))
+
+
+def test_self_check_passes() -> None:
+    """The dispatcher's first-use check (what `auto` runs before trusting the backend on a device) finds no mismatch."""
+    from sam_fused.selfcheck import self_check
+
+    assert self_check("triton", CUDA) is None
