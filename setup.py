@@ -23,14 +23,82 @@ except ImportError:  # metadata-only build (e.g. sdist): no compiled parts
     torch = None
 
 if torch is not None:
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/testing/*.cpp"))
     if cpu_sources:
+        # Vector ISA of the CPU kernels. The package is compiled on the machine that runs it, so the kernels use that
+        # machine's widest ISA that ATen's vec headers support (at::vec::Vectorized picks it from CPU_CAPABILITY_*),
+        # after checking the CPU (/proc/cpuinfo) and that the compiler accepts the flags. SAM_FUSED_CPU_CAPABILITY =
+        # avx512 | avx2 | default overrides the detection (use "default" for a portable build); the library refuses
+        # to load on a CPU without the ISA it was built for, and sam_fused falls back to the torch backend.
+        import platform
+        import subprocess
+        import sys
+        import tempfile
+
+        isa_table = {  # name: (compiler flags, /proc/cpuinfo flags needed, ATen CPU_CAPABILITY, probe intrinsic)
+            "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+                       {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}, "AVX512",
+                       "_mm512_add_ps(_mm512_set1_ps(1.f), _mm512_set1_ps(2.f))"),
+            "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}, "AVX2",
+                     "_mm256_fmadd_ps(_mm256_set1_ps(1.f), _mm256_set1_ps(2.f), _mm256_set1_ps(3.f))"),
+        }
+
+        def cpu_isa_flags() -> set:
+            if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+                return set()
+            try:
+                with open("/proc/cpuinfo") as f:
+                    return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            except OSError:
+                return set()
+
+        def compiler_accepts(flags: list, probe: str) -> bool:
+            src = f"#include <immintrin.h>\nvoid sam_fused_probe(float* o) {{ auto v = {probe}; (void)v; o[0] = 0; }}\n"
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "probe.cpp")
+                with open(path, "w") as f:
+                    f.write(src)
+                cmd = [os.environ.get("CXX", "c++"), *flags, "-c", path, "-o", os.path.join(tmp, "probe.o")]
+                try:
+                    return subprocess.run(cmd, capture_output=True).returncode == 0
+                except OSError:
+                    return False
+
+        def pick_isa() -> str:
+            wanted = os.environ.get("SAM_FUSED_CPU_CAPABILITY", "native").lower()
+            if wanted not in ("native", "default", *isa_table):
+                raise ValueError(f"SAM_FUSED_CPU_CAPABILITY must be native, default, avx2 or avx512, got {wanted!r}")
+            cpu = cpu_isa_flags()
+            for name, (flags, needed, _, probe) in isa_table.items():
+                if wanted == name or (wanted == "native" and needed <= cpu):
+                    if compiler_accepts(flags, probe):
+                        return name
+                    print(f"sam_fused: the compiler rejects {' '.join(flags)}; building the generic CPU kernels")
+                    return "default"
+            return "default"
+
+        isa = pick_isa()
+        cxx_flags = ["-O3", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+                     # the kernels must round exactly like the reference: no fused multiply-add contraction
+                     "-ffp-contract=off", "-Wno-unknown-pragmas"]
+        if isa in isa_table:
+            flags, _, capability, _ = isa_table[isa]
+            cxx_flags += flags + [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+        else:
+            cxx_flags += ["-DCPU_CAPABILITY=DEFAULT"]
+        link_flags = []
+        if torch._C.has_openmp and sys.platform == "linux":
+            # at::parallel_for is an inline OpenMP region when torch uses OpenMP; libgomp resolves to torch's copy.
+            cxx_flags.append("-fopenmp")
+            link_flags.append("-fopenmp")
+        print(f"sam_fused: CPU kernels built for {isa} ({' '.join(cxx_flags)})")
         ext_modules.append(
             CppExtension(
                 "sam_fused._C_cpu",
                 cpu_sources,
                 include_dirs=[os.path.abspath("csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
             )
         )
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -42,7 +110,7 @@ if torch is not None:
                 "sam_fused._C_cuda",
                 cuda_sources,
                 include_dirs=[os.path.abspath("csrc")],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
             )
         )
     if ext_modules:

@@ -292,16 +292,54 @@ class SAM(torch.optim.Optimizer):
         inputs: torch.Tensor | tuple[torch.Tensor, ...],
         targets: torch.Tensor | tuple[torch.Tensor, ...],
         micro_batches: int = 1,
+        method: str = "auto",
     ) -> torch.Tensor:
         """mSAM: split the batch into `micro_batches` (k) disjoint micro-batches, perturb with each one's own
         gradient, average the gradients at the k perturbed points and take the base step. k=1 is SAM.
 
         `loss_fn(model(*inputs_j), *targets_j)` must return the mean loss of micro-batch j. Existing gradients are
         discarded. Returns the mean unperturbed loss (a detached tensor).
-        """
-        from .msam import msam_sequential
 
-        return msam_sequential(self, model, loss_fn, inputs, targets, micro_batches)
+        `method`:
+          * "sequential": 2k micro-batch passes (sam_fused.msam), any model, DDP included.
+          * "fast": the exact two-pass form (sam_fused.msam_fast), about the cost of one SAM step: models built from
+            nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm and parameter-free modules, whose examples do not
+            interact (no BatchNorm, no dropout in training mode). Raises ValueError with the reason otherwise.
+          * "auto" (default): "fast" when k > 1, the model is supported and not DDP-wrapped, else "sequential"
+            (k = 1 is plain SAM, which the sequential path already runs in two passes).
+        Which one ran is recorded in ``self.last_msam_info``: {"method": ..., "reason": ...} and, for the fast path,
+        "layers": {module name: how it was handled} (e.g. "linear low-rank", "linear materialized (ASAM)").
+        """
+        from .distributed import is_ddp
+        from .msam import msam_sequential
+        from .msam_fast import FastPathUnsupported, fast_path_support, msam_fast
+
+        if method not in ("auto", "fast", "sequential"):
+            raise ValueError(f"method must be 'auto', 'fast' or 'sequential', got {method!r}")
+        reason = "method='sequential'"
+        if method == "fast" or (method == "auto" and micro_batches != 1):
+            supported, reason = fast_path_support(model)
+            if is_ddp(model):
+                supported, reason = False, "DDP-wrapped models run the sequential path"
+            if supported:
+                layers: dict[str, str] = {}
+                try:
+                    loss = msam_fast(self, model, loss_fn, inputs, targets, micro_batches, plan=layers)
+                    self.last_msam_info = {"method": "fast", "reason": reason, "layers": layers}
+                    self._opt_called = True  # the base optimizer stepped (for LR schedulers, as in second_step)
+                    return loss
+                except FastPathUnsupported as err:  # raised before any state changed
+                    if method == "fast":
+                        raise
+                    reason = str(err)
+            elif method == "fast":
+                raise FastPathUnsupported(f"msam_step(method='fast') cannot run on this model: {reason}")
+        elif method == "auto":
+            reason = "k=1 is SAM: the sequential path is already two passes"
+        self.last_msam_info = {"method": "sequential", "reason": reason}
+        loss = msam_sequential(self, model, loss_fn, inputs, targets, micro_batches)
+        self._opt_called = True
+        return loss
 
     # -- checkpointing --------------------------------------------------------------------------------------------
 

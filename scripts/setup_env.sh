@@ -15,7 +15,7 @@ PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
 "$PY" -c "import torch" 2>/dev/null || pip_install "${SAM_FUSED_TORCH:-torch==2.13.0}"
-pip_install setuptools wheel ninja numpy pytest pytest-benchmark ruff tqdm triton
+pip_install setuptools wheel ninja numpy pytest pytest-benchmark ruff tqdm triton scikit-learn matplotlib
 # The C++ extension builds against the torch above, hence no build isolation.
 MAX_JOBS="${MAX_JOBS:-2}" pip_install --no-build-isolation -e "$ROOT"
 "$PY" -c "import torch, sam_fused; print('torch', torch.__version__); [print(f'  {k:7s}', v) for k, v in sam_fused.backends().items()]" \

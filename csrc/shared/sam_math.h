@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <math.h>  // unqualified isfinite/sqrtf on the host, as on the device
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SAM_HD __host__ __device__ __forceinline__
@@ -55,6 +56,13 @@ SAM_HD V fsam_direction(V g, V m_prev, V sigma) {
 template <class V>
 SAM_HD V fsam_ema(V g, V m_prev, V lmbda, V one_minus_lmbda) {
   return m_prev * lmbda + g * one_minus_lmbda;
+}
+
+// Term of the ASAM squared norm ||T * g||^2: (g * t)^2 with t = |w| + eta computed by the caller (the reference
+// multiplies g by t, rounds, then squares).
+template <class V>
+SAM_HD V square_scaled(V g, V t) {
+  return square(g * t);
 }
 
 }  // namespace sam_fused

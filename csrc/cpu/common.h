@@ -1,0 +1,278 @@
+// common.h — the machinery every CPU kernel of sam_fused shares:
+//   * ChunkPlan: one parallel work list per op call. Every (tensor[, micro-batch slice]) becomes a segment of one
+//     virtual, concatenated element space; that space is cut into fixed-size chunks and at::parallel_for runs over
+//     the chunks. Chunks have equal sizes whatever the tensor sizes, so 2000 small tensors and one huge tensor balance
+//     the same way across threads, and one call has one parallel region instead of one per tensor. Chunk boundaries
+//     depend only on the tensor sizes (never on the thread count), which makes per-chunk partial sums combined in
+//     chunk order bit-identical for any number of threads.
+//   * Pack<T>: load/store of 2 * Vectorized<float>::size() elements of storage type T (fp32, bf16, fp16) as two fp32
+//     vectors, so the math runs in fp32 whatever the storage dtype (DESIGN section 5).
+//   * Input checks and dense-layout helpers (defined in checks.cpp).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace sam_fused::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Elements per chunk of the work list. 32K elements (128 KB of fp32) amortize the per-chunk bookkeeping, keep a
+// chunk's working set in L2 and still give a 2-thread machine ~800 chunks for a ResNet-50 (16K to 128K measured the
+// same within noise on the 2-core development VM). Changing it changes the summation order of the reductions (not
+// their determinism).
+constexpr int64_t kChunk = 32768;
+// Segments start at multiples of this in the virtual element space, so chunk boundaries inside a tensor fall on
+// 64-element (cache-line multiple) offsets and vector loops start aligned when the tensor data is.
+constexpr int64_t kSegmentAlign = 64;
+// Reductions accumulate blocks of this many elements in fresh vector accumulators before adding them to the running
+// ones: a cheap two-level (pairwise-like) sum that keeps the fp32 rounding error small on long chunks.
+constexpr int64_t kSumBlock = 1024;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Vector load/store of one "pack" = 2 * Vec::size() elements of storage type T, as two fp32 vectors.
+// Raw is the pack in storage format: copying it moves the exact bits (backups must be bit-exact, NaN payloads too).
+
+template <class T>
+struct Pack;
+
+template <>
+struct Pack<float> {
+  static constexpr int64_t kWidth = 2 * Vec::size();
+  struct Raw {
+    Vec lo, hi;
+  };
+  static Raw load_raw(const float* p) { return {Vec::loadu(p), Vec::loadu(p + Vec::size())}; }
+  static void store_raw(float* p, const Raw& r) {
+    r.lo.store(p);
+    r.hi.store(p + Vec::size());
+  }
+  static void to_float(const Raw& r, Vec& a, Vec& b) {
+    a = r.lo;
+    b = r.hi;
+  }
+  static Raw from_float(const Vec& a, const Vec& b) { return {a, b}; }
+};
+
+template <class T>
+struct ReducedPack {
+  using RVec = at::vec::Vectorized<T>;
+  static_assert(RVec::size() == 2 * Vec::size(), "a reduced-precision vector must hold two fp32 vectors");
+  static constexpr int64_t kWidth = RVec::size();
+  using Raw = RVec;
+  static Raw load_raw(const T* p) { return RVec::loadu(p); }
+  static void store_raw(T* p, const Raw& r) { r.store(p); }
+  static void to_float(const Raw& r, Vec& a, Vec& b) { std::tie(a, b) = at::vec::convert_to_float<T>(r); }
+  // Round-to-nearest-even, the same conversion torch's .to(dtype) uses.
+  static Raw from_float(const Vec& a, const Vec& b) { return at::vec::convert_from_float<T>(a, b); }
+};
+
+template <>
+struct Pack<c10::BFloat16> : ReducedPack<c10::BFloat16> {};
+template <>
+struct Pack<c10::Half> : ReducedPack<c10::Half> {};
+
+template <class T>
+inline void load_pack(const T* p, Vec& a, Vec& b) {
+  Pack<T>::to_float(Pack<T>::load_raw(p), a, b);
+}
+
+template <class T>
+inline void store_pack(T* p, const Vec& a, const Vec& b) {
+  Pack<T>::store_raw(p, Pack<T>::from_float(a, b));
+}
+
+// Stores a, b rounded to T and replaces them by the stored (rounded) values, for sums of what was actually stored.
+template <class T>
+inline void store_pack_rounded(T* p, Vec& a, Vec& b) {
+  const auto raw = Pack<T>::from_float(a, b);
+  Pack<T>::store_raw(p, raw);
+  Pack<T>::to_float(raw, a, b);
+}
+
+// Scalar-tail conversions (c10's float -> bf16/fp16 conversions round to nearest even, like the vector ones).
+template <class T>
+inline float to_f32(T x) {
+  return static_cast<float>(x);
+}
+template <class T>
+inline T from_f32(float x) {
+  return static_cast<T>(x);
+}
+
+// Horizontal sum of a vector in a fixed lane order (deterministic).
+inline float lane_sum(const Vec& v) {
+  __at_align__ float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// End of the vector part of [lo, hi): the largest lo + m * W <= hi.
+inline int64_t vector_end(int64_t lo, int64_t hi, int64_t width) {
+  return lo + (hi - lo) / width * width;
+}
+
+// Sum over the packs of [lo, vec_hi) (vec_hi from vector_end) of what step(i, s0, s1) adds to the two fp32 vector
+// accumulators for the pack at i. Two-level: each kSumBlock-element block starts from fresh accumulators that are
+// then added to the running ones, which bounds the number of additions into one fp32 lane.
+template <class T, class Step>
+inline float blocked_sum(int64_t lo, int64_t vec_hi, const Step& step) {
+  static_assert(kSumBlock % Pack<T>::kWidth == 0, "blocks must hold whole packs");
+  Vec acc0(0.0f), acc1(0.0f);
+  for (int64_t block = lo; block < vec_hi; block += kSumBlock) {
+    const int64_t end = std::min(block + kSumBlock, vec_hi);
+    Vec s0(0.0f), s1(0.0f);
+    for (int64_t i = block; i < end; i += Pack<T>::kWidth) step(i, s0, s1);
+    acc0 = acc0 + s0;
+    acc1 = acc1 + s1;
+  }
+  return lane_sum(acc0 + acc1);
+}
+
+// Calls body(T{}) with T the C++ storage type of `dtype` (fp32, bf16 or fp16; callers checked the dtype).
+template <class F>
+inline void dispatch_storage(at::ScalarType dtype, F&& body) {
+  switch (dtype) {
+    case at::kFloat:
+      body(float{});
+      break;
+    case at::kBFloat16:
+      body(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      body(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "sam_fused CPU kernels support float32, bfloat16 and float16, got ", dtype);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The work list. Seg is an op-specific struct with at least `int64_t n` (its element count).
+
+template <class Seg>
+class ChunkPlan {
+ public:
+  // Adds a segment of seg.n elements; empty segments are dropped (they have no work and no partial sum).
+  void add(const Seg& seg) {
+    if (seg.n == 0) return;
+    const int64_t start = (end_ + kSegmentAlign - 1) / kSegmentAlign * kSegmentAlign;
+    segs_.push_back(seg);
+    starts_.push_back(start);
+    end_ = start + seg.n;
+  }
+
+  void reserve(size_t n) {
+    segs_.reserve(n);
+    starts_.reserve(n);
+  }
+
+  int64_t num_chunks() const { return (end_ + kChunk - 1) / kChunk; }
+
+  // Runs piece(chunk, seg, lo, hi) for every part [lo, hi) (segment-relative element indices) of every segment,
+  // chunk by chunk, chunks spread over threads by at::parallel_for. Within a chunk pieces come in segment order.
+  template <class F>
+  void run(const F& piece) const {
+    const int64_t chunks = num_chunks();
+    if (chunks == 0) return;
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) run_chunk(c, piece);
+    });
+  }
+
+ private:
+  template <class F>
+  void run_chunk(int64_t c, const F& piece) const {
+    const int64_t lo = c * kChunk;
+    const int64_t hi = std::min(lo + kChunk, end_);
+    // The last segment starting at or before lo (the chunk may begin inside it or in the padding after it).
+    auto it = std::upper_bound(starts_.begin(), starts_.end(), lo);
+    size_t s = it == starts_.begin() ? 0 : static_cast<size_t>(it - starts_.begin()) - 1;
+    for (; s < segs_.size() && starts_[s] < hi; ++s) {
+      const int64_t a = std::max(lo, starts_[s]);
+      const int64_t b = std::min(hi, starts_[s] + segs_[s].n);
+      if (a < b) piece(c, segs_[s], a - starts_[s], b - starts_[s]);
+    }
+  }
+
+  std::vector<Seg> segs_;
+  std::vector<int64_t> starts_;
+  int64_t end_ = 0;
+};
+
+// Per-chunk partial sums for k micro-batch slices, combined in chunk order (so independent of the thread that
+// produced each one). Partials and the combination are kept in double: the vector accumulation inside a chunk is
+// fp32 (DESIGN section 5), the few hundred partials are combined more precisely for free.
+class Partials {
+ public:
+  Partials(int64_t chunks, int64_t k) : k_(k), v_(static_cast<size_t>(chunks * k), 0.0) {}
+  void add(int64_t chunk, int64_t slice, float x) { v_[static_cast<size_t>(chunk * k_ + slice)] += x; }
+  // fp32 tensor [k] on the CPU with the sums.
+  at::Tensor combine() const;
+
+ private:
+  int64_t k_;
+  std::vector<double> v_;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Input checks (checks.cpp). `op` is the op name, `list` the argument name, used in every message.
+
+void check_same_length(const char* op, at::TensorList a, const char* a_name, at::TensorList b, const char* b_name);
+// Strided CPU tensor of a supported dtype (fp32/bf16/fp16) equal to `dtype`.
+void check_tensor(const char* op, const at::Tensor& t, const char* list, size_t i, at::ScalarType dtype);
+void check_shape(const char* op, const at::Tensor& t, const char* list, size_t i, at::IntArrayRef expected);
+// A mutated tensor must not have internally overlapping memory (e.g. an expanded view).
+void check_no_overlap(const char* op, const at::Tensor& t, const char* list, size_t i);
+void check_supported_dtype(const char* op, at::ScalarType dtype, const char* list);
+// The data-dependent scalars of a CPU `sumsq` tensor as fp32 (the reference's sumsq.float()), read on the host
+// inside the op: all `k` of them when exact_numel (sumsq must have k elements), else only the first one.
+std::vector<float> read_sumsq(const char* op, const at::Tensor& sumsq, int64_t k, bool exact_numel);
+// [k, *shape]
+std::vector<int64_t> with_leading(int64_t k, at::IntArrayRef shape);
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dense layouts. Kernels index every tensor of one list position with the same flat offset, which is correct when
+// all of them are non-overlapping and dense with identical strides (contiguous is the usual case; channels_last
+// parameters with channels_last gradients also qualify). Anything else goes through temporaries in the layout of
+// a reference tensor, and mutated temporaries are copied back after the kernel.
+
+class LayoutScope {
+ public:
+  // The tensor kernels read for an input `t` that must match `like`'s layout: t itself or a copy.
+  const at::Tensor& input(const at::Tensor& t, const at::Tensor& like);
+  // The tensor kernels write for a mutated `t`: t itself when its layout matches `like`, else a temporary in that
+  // layout (holding t's values if `read` is set) that finish() copies back into t.
+  const at::Tensor& output(const at::Tensor& t, const at::Tensor& like, bool read);
+  // A layout reference for one list position: `t` itself when it is non-overlapping and dense, else a contiguous
+  // copy of it (copied back into t by finish() when `mutated`).
+  const at::Tensor& reference(const at::Tensor& t, bool mutated);
+  // `t` itself when contiguous, else a contiguous copy (or, when `mutated`, a contiguous temporary copied back).
+  const at::Tensor& contiguous(const at::Tensor& t, bool mutated, bool read = true);
+  // Copies mutated temporaries back into the caller's tensors.
+  void finish();
+
+ private:
+  const at::Tensor& keep(at::Tensor t);
+  // Temporaries must outlive the kernel (segments hold raw pointers into them); a deque keeps references stable.
+  std::deque<at::Tensor> kept_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;  // (caller's tensor, temporary)
+};
+
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace sam_fused::cpu

@@ -1,0 +1,146 @@
+// fsam.cpp — fsam_direction_: the Friendly-SAM direction and EMA update, fused with the norm of the direction.
+//
+// One pass per element: d = g - sigma * m_prev and m = lmbda * m_prev + (1 - lmbda) * g (or, on the first step,
+// m = g and d = g), written in place into grads and ema, plus the sum of (T * d)^2 that the perturbation needs. The
+// sum is taken over d as STORED (rounded to the storage dtype), exactly what the reference's grad_sumsq of the
+// updated grads sees; fusing it saves the separate norm pass. Partial sums per chunk, combined in chunk order
+// (common.h), so the result is the same for any thread count.
+#include "common.h"
+#include "ops.h"
+#include "sam_math_cpu.h"
+
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+
+namespace sam_fused::cpu {
+namespace {
+
+constexpr const char* kOp = "fsam_direction_";
+
+template <class T>
+struct FsamSeg {
+  T* g;        // in: gradient, out: direction d
+  T* m;        // in: previous EMA, out: new EMA
+  const T* w;  // weights for T = |w| + eta, or nullptr for T = 1
+  int64_t n;
+};
+
+struct FsamScalars {
+  float sigma, lmbda, one_minus_lmbda, eta;
+};
+
+// (T * d)^2 for one value or vector, T from the weights when kAdaptive.
+template <bool kAdaptive, class V>
+inline V norm_term(V d, V w_abs, V eta) {
+  if constexpr (kAdaptive) {
+    return square_scaled(d, w_abs + eta);
+  } else {
+    return square(d);
+  }
+}
+
+template <class T, bool kFirst, bool kAdaptive>
+float fsam_piece(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars& c) {
+  const int64_t vec_hi = vector_end(lo, hi, Pack<T>::kWidth);
+  const Vec sigma(c.sigma), lmbda(c.lmbda), one_minus_lmbda(c.one_minus_lmbda), eta(c.eta);
+  float sum = blocked_sum<T>(lo, vec_hi, [&](int64_t i, Vec& s0, Vec& s1) {
+    Vec d0, d1;
+    if constexpr (kFirst) {
+      const auto raw = Pack<T>::load_raw(s.g + i);
+      Pack<T>::store_raw(s.m + i, raw);  // m = g, bit for bit; d = g stays in place
+      Pack<T>::to_float(raw, d0, d1);
+    } else {
+      Vec g0, g1, m0, m1;
+      load_pack(s.g + i, g0, g1);
+      load_pack(s.m + i, m0, m1);
+      d0 = fsam_direction(g0, m0, sigma);
+      d1 = fsam_direction(g1, m1, sigma);
+      store_pack_rounded(s.g + i, d0, d1);  // d0, d1 now hold the stored values
+      store_pack(s.m + i, fsam_ema(g0, m0, lmbda, one_minus_lmbda), fsam_ema(g1, m1, lmbda, one_minus_lmbda));
+    }
+    Vec a0(1.0f), a1(1.0f);
+    if constexpr (kAdaptive) load_pack(s.w + i, a0, a1);
+    s0 = s0 + norm_term<kAdaptive>(d0, a0.abs(), eta);
+    s1 = s1 + norm_term<kAdaptive>(d1, a1.abs(), eta);
+  });
+  for (int64_t i = vec_hi; i < hi; ++i) {
+    float d;
+    if constexpr (kFirst) {
+      s.m[i] = s.g[i];
+      d = to_f32(s.g[i]);
+    } else {
+      const float g = to_f32(s.g[i]), m = to_f32(s.m[i]);
+      s.g[i] = from_f32<T>(fsam_direction(g, m, c.sigma));
+      s.m[i] = from_f32<T>(fsam_ema(g, m, c.lmbda, c.one_minus_lmbda));
+      d = to_f32(s.g[i]);
+    }
+    const float w_abs = kAdaptive ? std::fabs(to_f32(s.w[i])) : 1.0f;
+    sum += norm_term<kAdaptive>(d, w_abs, c.eta);
+  }
+  return sum;
+}
+
+template <class T, bool kFirst>
+float fsam_piece_dispatch(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars& c) {
+  return s.w ? fsam_piece<T, kFirst, true>(s, lo, hi, c) : fsam_piece<T, kFirst, false>(s, lo, hi, c);
+}
+
+template <class T>
+at::Tensor run(at::TensorList grads, at::TensorList ema, const std::optional<at::TensorList>& params, bool first,
+               const FsamScalars& c) {
+  LayoutScope scope;
+  ChunkPlan<FsamSeg<T>> plan;
+  plan.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = scope.reference(grads[i], /*mutated=*/!first);  // the first step leaves grads as they are
+    const at::Tensor& m = scope.output(ema[i], g, /*read=*/!first);
+    const T* w = params ? scope.input((*params)[i], g).const_data_ptr<T>() : nullptr;
+    plan.add({g.data_ptr<T>(), m.data_ptr<T>(), w, g.numel()});
+  }
+  Partials partials(plan.num_chunks(), 1);
+  plan.run([&](int64_t chunk, const FsamSeg<T>& s, int64_t lo, int64_t hi) {
+    partials.add(chunk, 0, first ? fsam_piece_dispatch<T, true>(s, lo, hi, c) : fsam_piece_dispatch<T, false>(s, lo, hi, c));
+  });
+  scope.finish();
+  return partials.combine();
+}
+
+at::ScalarType check_inputs(at::TensorList grads, at::TensorList ema, const std::optional<at::TensorList>& params) {
+  check_same_length(kOp, grads, "grads", ema, "ema");
+  if (params) check_same_length(kOp, grads, "grads", *params, "params");
+  if (grads.empty()) return at::kFloat;
+  const auto dtype = grads[0].scalar_type();
+  check_supported_dtype(kOp, dtype, "grads[0]");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_tensor(kOp, grads[i], "grads", i, dtype);
+    check_no_overlap(kOp, grads[i], "grads", i);
+    check_tensor(kOp, ema[i], "ema", i, dtype);
+    check_shape(kOp, ema[i], "ema", i, grads[i].sizes());
+    check_no_overlap(kOp, ema[i], "ema", i);
+    if (params) {
+      check_tensor(kOp, (*params)[i], "params", i, dtype);
+      check_shape(kOp, (*params)[i], "params", i, grads[i].sizes());
+    }
+  }
+  return dtype;
+}
+
+}  // namespace
+
+at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigma, double lmbda, bool first,
+                           std::optional<at::TensorList> params, double eta) {
+  const auto dtype = check_inputs(grads, ema, params);
+  if (grads.empty()) return at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+  // 1 - lmbda in double, then rounded once: the reference computes it as a Python float.
+  const FsamScalars c{static_cast<float>(sigma), static_cast<float>(lmbda), static_cast<float>(1.0 - lmbda),
+                      static_cast<float>(eta)};
+  at::Tensor out;
+  dispatch_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    out = run<T>(grads, ema, params, first, c);
+  });
+  return out;
+}
+
+}  // namespace sam_fused::cpu

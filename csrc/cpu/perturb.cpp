@@ -1,0 +1,260 @@
+// perturb.cpp — perturb_, perturb_batched and restore_: the elementwise parts of a SAM step.
+//
+// perturb_ is the memory-bound heart of the first step, so it does everything in one pass over the data: read w and
+// g, write the bit-exact backup of w and the perturbed w (16 bytes per fp32 parameter, the minimum). The scale
+// rho / (sqrt(sumsq) + eps) is read from the CPU sumsq tensor inside the op; non-finite sumsq (overflowed or NaN
+// gradients) leaves w untouched and still writes the backup, as the reference does. perturb_batched writes k
+// perturbed copies for parallel micro-batches; restore_ copies the backups back (a memcpy per piece: bit-exact).
+// All three run over the chunked work list of common.h, per-element math from shared/sam_math.h.
+#include "common.h"
+#include "ops.h"
+#include "sam_math_cpu.h"
+
+#include <ATen/ops/empty_like.h>
+
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+
+namespace sam_fused::cpu {
+namespace {
+
+// The per-element formula with fp32 math: w + scale * g, or w + scale * ((t * t) * g) with t = |w| + eta.
+template <bool kAdaptive, class V>
+inline V perturb_value(V w, V g, V scale, V eta, V abs_w) {
+  if constexpr (kAdaptive) {
+    return perturbed_adaptive(w, abs_w + eta, g, scale);
+  } else {
+    return perturbed(w, g, scale);
+  }
+}
+
+// ---- perturb_ -------------------------------------------------------------------------------------------------
+
+template <class T>
+struct PerturbSeg {
+  T* w;
+  const T* g;
+  T* backup;
+  int64_t n;
+};
+
+template <class T, bool kAdaptive>
+void perturb_piece(const PerturbSeg<T>& s, int64_t lo, int64_t hi, float scale, float eta) {
+  const int64_t vec_hi = vector_end(lo, hi, Pack<T>::kWidth);
+  const Vec scale_v(scale), eta_v(eta);
+  for (int64_t i = lo; i < vec_hi; i += Pack<T>::kWidth) {
+    const auto raw = Pack<T>::load_raw(s.w + i);
+    Pack<T>::store_raw(s.backup + i, raw);  // the stored bits of w, not a float round trip
+    Vec w0, w1, g0, g1;
+    Pack<T>::to_float(raw, w0, w1);
+    load_pack(s.g + i, g0, g1);
+    store_pack(s.w + i, perturb_value<kAdaptive>(w0, g0, scale_v, eta_v, w0.abs()),
+               perturb_value<kAdaptive>(w1, g1, scale_v, eta_v, w1.abs()));
+  }
+  for (int64_t i = vec_hi; i < hi; ++i) {
+    const T wi = s.w[i];
+    s.backup[i] = wi;
+    const float w = to_f32(wi);
+    s.w[i] = from_f32<T>(perturb_value<kAdaptive>(w, to_f32(s.g[i]), scale, eta, std::fabs(w)));
+  }
+}
+
+template <class T>
+void copy_piece(T* dst, const T* src, int64_t lo, int64_t hi) {
+  std::memcpy(dst + lo, src + lo, static_cast<size_t>(hi - lo) * sizeof(T));
+}
+
+template <class T>
+void run_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups, float scale, bool enabled,
+                 bool adaptive, float eta) {
+  LayoutScope scope;
+  ChunkPlan<PerturbSeg<T>> plan;
+  plan.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& w = scope.reference(params[i], /*mutated=*/true);
+    const at::Tensor& g = scope.input(grads[i], w);
+    const at::Tensor& b = scope.output(backups[i], w, /*read=*/false);
+    plan.add({w.data_ptr<T>(), g.const_data_ptr<T>(), b.data_ptr<T>(), w.numel()});
+  }
+  plan.run([&](int64_t, const PerturbSeg<T>& s, int64_t lo, int64_t hi) {
+    if (!enabled) {
+      copy_piece(s.backup, s.w, lo, hi);  // non-finite gradients: backup only, w untouched
+    } else if (adaptive) {
+      perturb_piece<T, true>(s, lo, hi, scale, eta);
+    } else {
+      perturb_piece<T, false>(s, lo, hi, scale, eta);
+    }
+  });
+  scope.finish();
+}
+
+// ---- perturb_batched ------------------------------------------------------------------------------------------
+
+template <class T>
+struct BatchedSeg {
+  const T* w;  // the weights, shared by all slices
+  const T* g;  // slice j of the gradient
+  T* out;      // slice j of the output
+  int64_t n;
+  int64_t slice;
+};
+
+template <class T, bool kAdaptive>
+void batched_piece(const BatchedSeg<T>& s, int64_t lo, int64_t hi, float scale, float eta) {
+  const int64_t vec_hi = vector_end(lo, hi, Pack<T>::kWidth);
+  const Vec scale_v(scale), eta_v(eta);
+  for (int64_t i = lo; i < vec_hi; i += Pack<T>::kWidth) {
+    Vec w0, w1, g0, g1;
+    load_pack(s.w + i, w0, w1);
+    load_pack(s.g + i, g0, g1);
+    store_pack(s.out + i, perturb_value<kAdaptive>(w0, g0, scale_v, eta_v, w0.abs()),
+               perturb_value<kAdaptive>(w1, g1, scale_v, eta_v, w1.abs()));
+  }
+  for (int64_t i = vec_hi; i < hi; ++i) {
+    const float w = to_f32(s.w[i]);
+    s.out[i] = from_f32<T>(perturb_value<kAdaptive>(w, to_f32(s.g[i]), scale, eta, std::fabs(w)));
+  }
+}
+
+template <class T>
+std::vector<at::Tensor> run_batched(at::TensorList params, at::TensorList grads, const std::vector<float>& scales,
+                                    const std::vector<char>& enabled, bool adaptive, float eta) {
+  const auto k = static_cast<int64_t>(scales.size());
+  LayoutScope scope;
+  ChunkPlan<BatchedSeg<T>> plan;
+  plan.reserve(params.size() * scales.size());
+  std::vector<at::Tensor> outs;
+  outs.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    outs.push_back(at::empty_like(grads[i]));  // like the fake implementation: g's shape, dtype and strides
+    const T* w = scope.contiguous(params[i], /*mutated=*/false).const_data_ptr<T>();
+    const T* g = scope.contiguous(grads[i], /*mutated=*/false).const_data_ptr<T>();
+    T* out = scope.contiguous(outs.back(), /*mutated=*/true, /*read=*/false).data_ptr<T>();
+    const int64_t n = params[i].numel();
+    for (int64_t j = 0; j < k; ++j) plan.add({w, g + j * n, out + j * n, n, j});
+  }
+  plan.run([&](int64_t, const BatchedSeg<T>& s, int64_t lo, int64_t hi) {
+    const auto j = static_cast<size_t>(s.slice);
+    if (!enabled[j]) {
+      copy_piece(s.out, s.w, lo, hi);  // non-finite sumsq[j]: that copy is the unperturbed w
+    } else if (adaptive) {
+      batched_piece<T, true>(s, lo, hi, scales[j], eta);
+    } else {
+      batched_piece<T, false>(s, lo, hi, scales[j], eta);
+    }
+  });
+  scope.finish();
+  return outs;
+}
+
+// ---- restore_ -------------------------------------------------------------------------------------------------
+
+template <class T>
+struct CopySeg {
+  T* dst;
+  const T* src;
+  int64_t n;
+};
+
+template <class T>
+void run_restore(at::TensorList params, at::TensorList backups) {
+  LayoutScope scope;
+  ChunkPlan<CopySeg<T>> plan;
+  plan.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    // w is only written: a non-dense w gets an uninitialized temporary that finish() copies back.
+    const at::Tensor& w = params[i].is_non_overlapping_and_dense()
+                              ? params[i]
+                              : scope.contiguous(params[i], /*mutated=*/true, /*read=*/false);
+    const at::Tensor& b = scope.input(backups[i], w);
+    plan.add({w.data_ptr<T>(), b.const_data_ptr<T>(), w.numel()});
+  }
+  plan.run([&](int64_t, const CopySeg<T>& s, int64_t lo, int64_t hi) { copy_piece(s.dst, s.src, lo, hi); });
+  scope.finish();
+}
+
+// ---- checks ---------------------------------------------------------------------------------------------------
+
+// A list checked against params position by position: same dtype and device, shape p.shape (lead == 0) or
+// [lead, *p.shape]; written lists must not overlap themselves.
+struct ListSpec {
+  at::TensorList tensors;
+  const char* name;
+  bool mutated;
+  int64_t lead;  // 0: same shape as params
+};
+
+// Checks params (written when `params_mutated`) and every list of `others`; returns the common dtype.
+at::ScalarType check_lists(const char* op, at::TensorList params, bool params_mutated,
+                           std::initializer_list<ListSpec> others) {
+  for (const auto& o : others) check_same_length(op, params, "params", o.tensors, o.name);
+  if (params.empty()) return at::kFloat;
+  const auto dtype = params[0].scalar_type();
+  check_supported_dtype(op, dtype, "params[0]");
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_tensor(op, params[i], "params", i, dtype);
+    if (params_mutated) check_no_overlap(op, params[i], "params", i);
+    for (const auto& o : others) {
+      const at::Tensor& t = o.tensors[i];
+      check_tensor(op, t, o.name, i, dtype);
+      if (o.lead > 0) {
+        check_shape(op, t, o.name, i, with_leading(o.lead, params[i].sizes()));
+      } else {
+        check_shape(op, t, o.name, i, params[i].sizes());
+      }
+      if (o.mutated) check_no_overlap(op, t, o.name, i);
+    }
+  }
+  return dtype;
+}
+
+}  // namespace
+
+void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sumsq, double rho,
+              double eps, bool adaptive, double eta, bool normalize) {
+  const char* op = "perturb_";
+  const auto dtype = check_lists(op, params, true, {{grads, "grads", false, 0}, {backups, "backups", true, 0}});
+  if (params.empty()) return;  // like the reference, which then never looks at sumsq
+  const float s = read_sumsq(op, sumsq, 1, /*exact_numel=*/false)[0];
+  const float scale = perturb_scale(s, static_cast<float>(rho), static_cast<float>(eps), normalize);
+  const bool enabled = perturb_enabled(s);
+  dispatch_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    run_perturb<T>(params, grads, backups, scale, enabled, adaptive, static_cast<float>(eta));
+  });
+}
+
+std::vector<at::Tensor> perturb_batched(at::TensorList params, at::TensorList grads, const at::Tensor& sumsq,
+                                        double rho, double eps, bool adaptive, double eta, bool normalize) {
+  const char* op = "perturb_batched";
+  const int64_t k = sumsq.defined() ? sumsq.numel() : 0;  // one sum per micro-batch, as in the reference
+  check_same_length(op, params, "params", grads, "grads");
+  if (params.empty()) return {};
+  TORCH_CHECK_VALUE(k >= 1, "sam_fused.", op, ": sumsq must hold one sum per micro-batch (k >= 1)");
+  const auto dtype = check_lists(op, params, false, {{grads, "grads", false, k}});
+  const std::vector<float> sums = read_sumsq(op, sumsq, k, /*exact_numel=*/true);
+  std::vector<float> scales;
+  std::vector<char> enabled;
+  for (const float s : sums) {
+    scales.push_back(perturb_scale(s, static_cast<float>(rho), static_cast<float>(eps), normalize));
+    enabled.push_back(perturb_enabled(s) ? 1 : 0);
+  }
+  std::vector<at::Tensor> outs;
+  dispatch_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    outs = run_batched<T>(params, grads, scales, enabled, adaptive, static_cast<float>(eta));
+  });
+  return outs;
+}
+
+void restore_(at::TensorList params, at::TensorList backups) {
+  const auto dtype = check_lists("restore_", params, true, {{backups, "backups", false, 0}});
+  if (params.empty()) return;
+  dispatch_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    run_restore<T>(params, backups);
+  });
+}
+
+}  // namespace sam_fused::cpu

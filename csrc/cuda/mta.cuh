@@ -1,0 +1,243 @@
+// mta.cuh — device-side machinery shared by the CUDA kernels of sam_fused (multi-tensor apply, our own version of
+// the apex/ATen idea):
+//   * MtaArgs<D>: the by-value kernel argument struct (tensor addresses of D lists, element counts, and the
+//     block -> (tensor slot, chunk) map) that the host fills from an mta::Plan; for_each_launch() fills it and
+//     launches once per planned launch, i.e. several times only when one struct cannot hold the whole list.
+//   * Storage traits (fp32, bf16, fp16): raw packets of 16 bytes for the aligned vector path, conversions to fp32 so
+//     all math and accumulation is fp32, round-to-nearest-even stores (what torch's .to(dtype) does).
+//   * Rn: fp32 whose + - * are the IEEE round-to-nearest intrinsics. nvcc contracts a*b+c into one FMA by default;
+//     the reference (separate torch ops) rounds every step, so the shared formulas of sam_math.h are instantiated
+//     with Rn to keep the reference's rounding, element for element.
+//   * for_each_packet: the aligned vector loop with a scalar tail (or the scalar loop when a pointer is misaligned).
+//   * block_sum: a fixed-order block reduction (warp shuffles, then one warp over the warp sums): no atomics, so the
+//     per-block partial sums, and the sums the finishing kernel makes of them, are deterministic.
+// Included only by the .cu files; it has no torch dependency.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/launch.h"
+#include "cuda/mta_planner.h"
+#include "shared/sam_math.h"
+
+namespace sam_fused::cuda {
+
+// Threads per block: a multiple of the warp size (block_sum relies on it), 8 warps to keep loads in flight.
+constexpr int kThreads = 256;
+
+template <int D>
+struct MtaArgs {
+  static constexpr int kMaxTensors = mta::max_tensors_for_depth(D);
+  void* ptr[D][kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int32_t chunk[mta::kMaxBlocks];  // chunk index: the block starts at chunk * kChunkElems
+  uint16_t slot[mta::kMaxBlocks];
+};
+// The whole parameter list of a kernel must stay within 4 KB; the struct leaves ~300 bytes for the scalars.
+static_assert(sizeof(MtaArgs<2>) <= 3800 && sizeof(MtaArgs<3>) <= 3800, "MtaArgs exceeds the kernel argument budget");
+
+// The part of one tensor this block works on.
+struct Chunk {
+  int slot;
+  int64_t start;  // first element, in the tensor (or in each micro-batch slice)
+  int64_t len;    // elements in this block
+  int64_t numel;  // elements of the tensor (of one slice)
+};
+
+template <int D>
+__device__ __forceinline__ Chunk chunk_of(const MtaArgs<D>& a) {
+  Chunk c;
+  c.slot = a.slot[blockIdx.x];
+  c.numel = a.numel[c.slot];
+  c.start = static_cast<int64_t>(a.chunk[blockIdx.x]) * mta::kChunkElems;
+  c.len = c.numel - c.start < mta::kChunkElems ? c.numel - c.start : mta::kChunkElems;
+  return c;
+}
+
+// List d's address for this block's tensor, typed (null when the list is absent).
+template <class B, int D>
+__device__ __forceinline__ B* list_ptr(const MtaArgs<D>& a, int d, const Chunk& c) {
+  return static_cast<B*>(a.ptr[d][c.slot]);
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Fills the argument struct for each launch of `plan` from table `t` and calls launch(args, first_block, blocks),
+// which enqueues the kernel. Returns the first launch error.
+template <int D, class L>
+cudaError_t for_each_launch(const mta::Plan& plan, const PtrTable<D>& t, L&& launch) {
+  for (const mta::Launch& l : plan.launches) {
+    if (l.tensors.size() > static_cast<size_t>(MtaArgs<D>::kMaxTensors) ||
+        l.blocks.size() > static_cast<size_t>(mta::kMaxBlocks)) {
+      return cudaErrorInvalidValue;  // a plan made with other limits: refuse rather than overrun the struct
+    }
+    MtaArgs<D> args{};
+    for (size_t s = 0; s < l.tensors.size(); ++s) {
+      const size_t i = static_cast<size_t>(l.tensors[s]);
+      for (int d = 0; d < D; ++d) args.ptr[d][s] = t.ptrs[d][i];
+      args.numel[s] = t.numel[i];
+    }
+    for (size_t b = 0; b < l.blocks.size(); ++b) {
+      const mta::Block& blk = l.blocks[b];
+      if (blk.chunk_start % mta::kChunkElems != 0) return cudaErrorInvalidValue;
+      args.chunk[b] = static_cast<int32_t>(blk.chunk_start / mta::kChunkElems);
+      args.slot[b] = static_cast<uint16_t>(blk.slot);
+    }
+    launch(args, l.first_block, static_cast<unsigned>(l.blocks.size()));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Storage types. Bits is what memory holds; kWidth elements make one 16-byte packet.
+
+struct F32 {
+  using Bits = float;
+  static constexpr int kWidth = 4;
+  static __device__ __forceinline__ float to_float(Bits b) { return b; }
+  static __device__ __forceinline__ Bits from_float(float x) { return x; }
+};
+
+struct BF16 {
+  using Bits = uint16_t;
+  static constexpr int kWidth = 8;
+  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+};
+
+struct F16 {
+  using Bits = uint16_t;
+  static constexpr int kWidth = 8;
+  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+
+// W consecutive elements in storage format; alignas makes W * sizeof(B) == 16 one vector load/store.
+template <class B, int W>
+struct alignas(sizeof(B) * W) Raw {
+  B v[W];
+};
+
+template <class B, int W>
+__device__ __forceinline__ Raw<B, W> load_raw(const B* p) {
+  return *reinterpret_cast<const Raw<B, W>*>(p);
+}
+
+template <class B, int W>
+__device__ __forceinline__ void store_raw(B* p, const Raw<B, W>& r) {
+  *reinterpret_cast<Raw<B, W>*>(p) = r;
+}
+
+template <class S, int W>
+__device__ __forceinline__ void to_float(const Raw<typename S::Bits, W>& r, float (&x)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) x[e] = S::to_float(r.v[e]);
+}
+
+template <class S, int W>
+__device__ __forceinline__ Raw<typename S::Bits, W> from_float(const float (&x)[W]) {
+  Raw<typename S::Bits, W> r;
+#pragma unroll
+  for (int e = 0; e < W; ++e) r.v[e] = S::from_float(x[e]);
+  return r;
+}
+
+// Calls body(S{}) with S the storage traits of `dtype`.
+template <class F>
+cudaError_t dispatch_dtype(DType dtype, F&& body) {
+  switch (dtype) {
+    case DType::kFloat:
+      return body(F32{});
+    case DType::kBFloat16:
+      return body(BF16{});
+    case DType::kHalf:
+      return body(F16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Rn: fp32 arithmetic rounded at every operation (never fused), for the formulas of sam_math.h.
+
+struct Rn {
+  float v;
+};
+
+__host__ __device__ __forceinline__ Rn operator+(Rn a, Rn b) {
+#ifdef __CUDA_ARCH__
+  return {__fadd_rn(a.v, b.v)};
+#else
+  return {a.v + b.v};
+#endif
+}
+
+__host__ __device__ __forceinline__ Rn operator-(Rn a, Rn b) {
+#ifdef __CUDA_ARCH__
+  return {__fsub_rn(a.v, b.v)};
+#else
+  return {a.v - b.v};
+#endif
+}
+
+__host__ __device__ __forceinline__ Rn operator*(Rn a, Rn b) {
+#ifdef __CUDA_ARCH__
+  return {__fmul_rn(a.v, b.v)};
+#else
+  return {a.v * b.v};
+#endif
+}
+
+// t = |w| + eta, the ASAM factor (the reference's abs(w) + eta, in fp32).
+__device__ __forceinline__ Rn adaptive_factor(float w, Rn eta) { return Rn{fabsf(w)} + eta; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Loops and reductions.
+
+template <int W>
+struct Width {
+  static constexpr int value = W;
+};
+
+// Calls f(Width<N>{}, i) for packets of N elements at i (when `vectorized`: every pointer the body touches is
+// 16-byte aligned at the chunk start), then f(Width<1>{}, i) for each remaining element. Threads stride through the
+// chunk, so consecutive threads touch consecutive packets (coalesced).
+template <int N, class F>
+__device__ __forceinline__ void for_each_packet(int64_t len, bool vectorized, F&& f) {
+  int64_t tail = 0;
+  if (vectorized) {
+    const int64_t full = len / N * N;
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < full; i += static_cast<int64_t>(blockDim.x) * N) {
+      f(Width<N>{}, i);
+    }
+    tail = full;
+  }
+  for (int64_t i = tail + threadIdx.x; i < len; i += blockDim.x) f(Width<1>{}, i);
+}
+
+// Sum of v over the block, valid in thread 0. Fixed order: shuffle tree in each warp, then the first warp reduces
+// the warp sums the same way. Every thread of the block must call it (it synchronizes); blockDim.x % 32 == 0.
+template <class T>
+__device__ __forceinline__ T block_sum(T v) {
+  __shared__ T warp_sums[32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x >> 5) ? warp_sums[lane] : T(0);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  }
+  __syncthreads();  // warp_sums may be reused by the next call
+  return v;
+}
+
+}  // namespace sam_fused::cuda

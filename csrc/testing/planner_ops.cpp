@@ -1,0 +1,55 @@
+// planner_ops.cpp — exposes the CUDA kernels' launch planner (csrc/cuda/mta_planner.h) as a torch op, so that its
+// guarantees are unit-tested on machines without a GPU (tests/test_cuda_planner.py). Built into the CPU extension
+// sam_fused._C_cpu, which every build has; it is test support, in its own namespace, not part of sam_fused's API.
+//
+//   torch.ops.sam_fused_testing.plan_chunks(numels, chunk_size, max_tensors, max_blocks) -> int[]
+//
+// returns the plan as flattened rows (launch, block, tensor, chunk_start, chunk_len): one row per block, `block` the
+// block's index within its launch and `tensor` the index into `numels`.
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/mta_planner.h"
+
+namespace {
+
+std::vector<int64_t> plan_chunks(std::vector<int64_t> numels, int64_t chunk_size, int64_t max_tensors,
+                                 int64_t max_blocks) {
+  TORCH_CHECK_VALUE(chunk_size >= 1, "plan_chunks: chunk_size must be >= 1, got ", chunk_size);
+  TORCH_CHECK_VALUE(max_tensors >= 1 && max_tensors <= INT32_MAX, "plan_chunks: bad max_tensors ", max_tensors);
+  TORCH_CHECK_VALUE(max_blocks >= 1 && max_blocks <= INT32_MAX, "plan_chunks: bad max_blocks ", max_blocks);
+  for (size_t i = 0; i < numels.size(); ++i) {
+    TORCH_CHECK_VALUE(numels[i] >= 0, "plan_chunks: numels[", i, "] is negative (", numels[i], ")");
+  }
+  const sam_fused::mta::Plan plan = sam_fused::mta::plan_chunks(numels, chunk_size, static_cast<int>(max_tensors),
+                                                                static_cast<int>(max_blocks));
+  std::vector<int64_t> rows;
+  rows.reserve(static_cast<size_t>(plan.total_blocks) * 5);
+  for (size_t l = 0; l < plan.launches.size(); ++l) {
+    const auto& launch = plan.launches[l];
+    for (size_t b = 0; b < launch.blocks.size(); ++b) {
+      const auto& block = launch.blocks[b];
+      rows.insert(rows.end(), {static_cast<int64_t>(l), static_cast<int64_t>(b), launch.tensors[block.slot],
+                               block.chunk_start, block.chunk_len});
+    }
+  }
+  return rows;
+}
+
+// The limits the CUDA kernels use, so tests can plan with exactly them: [chunk, max_blocks, max_tensors(depth 1..4)].
+std::vector<int64_t> kernel_limits() {
+  using namespace sam_fused::mta;
+  return {kChunkElems, kMaxBlocks, max_tensors_for_depth(1), max_tensors_for_depth(2), max_tensors_for_depth(3),
+          max_tensors_for_depth(4)};
+}
+
+}  // namespace
+
+// Test-only namespace: defining its schemas here keeps the sam_fused namespace's schemas in Python alone.
+TORCH_LIBRARY(sam_fused_testing, m) {
+  // Registered as catch-all kernels: these ops take no tensors, so there is no dispatch key to select on.
+  m.def("plan_chunks(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> int[]", TORCH_FN(plan_chunks));
+  m.def("kernel_limits() -> int[]", TORCH_FN(kernel_limits));
+}
