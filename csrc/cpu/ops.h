@@ -1,25 +1,8 @@
-// ops.h — the CPU kernels of sam_fused's ops (DESIGN section 3), as registered in register.cpp. Signatures follow the
-// schemas of sam_fused/_registry.py (Tensor[] -> TensorList, Tensor[]? -> optional TensorList, float -> double).
+// ops.h — the CPU kernels of sam_fused's ops (DESIGN section 3), registered in register.cpp.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
-#include <optional>
-#include <vector>
+#include "shared/op_signatures.h"
 
 namespace sam_fused::cpu {
-
-at::Tensor grad_sumsq(at::TensorList grads, std::optional<at::TensorList> params, double eta, int64_t micro_batches);
-
-void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sumsq, double rho,
-              double eps, bool adaptive, double eta, bool normalize);
-
-std::vector<at::Tensor> perturb_batched(at::TensorList params, at::TensorList grads, const at::Tensor& sumsq,
-                                        double rho, double eps, bool adaptive, double eta, bool normalize);
-
-void restore_(at::TensorList params, at::TensorList backups);
-
-at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigma, double lmbda, bool first,
-                           std::optional<at::TensorList> params, double eta);
-
+SAM_FUSED_DECLARE_OPS()
 }  // namespace sam_fused::cpu
