@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from . import ops
+from . import ops, reference
 from .distributed import is_ddp
 from .msam import Batch, _as_tuple, split_micro_batches
 from .msam_layers import (
@@ -217,10 +217,7 @@ class _Step:
 def micro_batch_scales(sumsq: torch.Tensor, rho: float, normalize: bool) -> torch.Tensor:
     """s_j = rho / (sqrt(sumsq_j) + eps) (rho when not normalized); 0 where sumsq_j is not finite (no perturbation),
     in fp32 and in the order of operations of the op layer's reference."""
-    sumsq = sumsq.float()
-    rho_t = torch.full_like(sumsq, rho)
-    scale = rho_t / (sumsq.sqrt() + EPS) if normalize else rho_t
-    return torch.where(torch.isfinite(sumsq), scale, torch.zeros_like(scale))
+    return reference.perturb_scale(sumsq, rho, EPS, normalize)[0]
 
 
 # -- layers: first(), collect(), prepare(), second() --------------------------------------------------------------

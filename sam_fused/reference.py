@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_lists, check_sliced
+from . import _checks
 
 Tensors = list[torch.Tensor]
 
@@ -28,21 +28,24 @@ def _t_factor(params: Tensors, eta: float) -> Tensors:
     return torch._foreach_add(torch._foreach_abs(_f32(params)), eta)
 
 
-def _scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """fp32 sqrt, correctly rounded like the kernels' IEEE sqrtf. torch's fp32 CPU sqrt kernel is not on every CPU
+    (one ulp off, seen on an AVX-512 AMD EPYC); the float64 root of an fp32 value rounded to fp32 always is."""
+    return x.double().sqrt().float()
+
+
+def perturb_scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, finite) as fp32 device tensors shaped like sumsq; no host sync."""
     sumsq = sumsq.float()
     finite = torch.isfinite(sumsq)
     rho_t = torch.full_like(sumsq, rho)
-    scale = rho_t / (sumsq.sqrt() + eps) if normalize else rho_t  # a true division (rho / t is rho * (1 / t))
+    scale = rho_t / (sqrt_rn(sumsq) + eps) if normalize else rho_t  # a true division (rho / t is rho * (1 / t))
     return torch.where(finite, scale, torch.zeros_like(scale)), finite
 
 
 def grad_sumsq(grads: Tensors, params: Tensors | None = None, eta: float = 0.0, micro_batches: int = 1) -> torch.Tensor:
     k = micro_batches
-    if params is None:
-        check_sliced(grads, k)
-    else:
-        check_lists("params", params, {"grads": grads}, {"grads": k} if k > 1 else None)
+    _checks.check_grad_sumsq(grads, params, k)
     device = grads[0].device if grads else torch.device("cpu")
     total = torch.zeros(k, dtype=torch.float32, device=device)
     if not grads:
@@ -67,11 +70,11 @@ def perturb_(
     eta: float = 0.0,
     normalize: bool = True,
 ) -> None:
-    check_lists("params", params, {"grads": grads, "backups": backups})
+    _checks.check_perturb(params, grads, backups)
     if not params:
         return
     torch._foreach_copy_(backups, params)
-    scale, finite = _scale(sumsq.reshape(-1)[0], rho, eps, normalize)  # 0-dim: broadcasts to any shape
+    scale, finite = perturb_scale(sumsq.reshape(-1)[0], rho, eps, normalize)  # 0-dim: broadcasts to any shape
     direction = _f32(grads)
     if adaptive:
         t = _t_factor(params, eta)
@@ -91,10 +94,10 @@ def perturb_batched(
     normalize: bool = True,
 ) -> Tensors:
     k = sumsq.numel()
-    check_lists("params", params, {"grads": grads}, {"grads": k})
+    _checks.check_perturb_batched(params, grads, k)
     if not params:
         return []
-    scale, finite = _scale(sumsq.reshape(k), rho, eps, normalize)
+    scale, finite = perturb_scale(sumsq.reshape(k), rho, eps, normalize)
     outs = []
     for p, g in zip(params, grads):
         w = p.float().unsqueeze(0)  # [1, *p.shape], broadcast over k
@@ -109,7 +112,7 @@ def perturb_batched(
 
 
 def restore_(params: Tensors, backups: Tensors) -> None:
-    check_lists("params", params, {"backups": backups})
+    _checks.check_restore(params, backups)
     if params:
         torch._foreach_copy_(params, backups)
 
@@ -123,7 +126,7 @@ def fsam_direction_(
     params: Tensors | None = None,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    check_lists("grads", grads, {"ema": ema, "params": params})
+    _checks.check_fsam(grads, ema, params)
     if grads:
         if first:  # m = g, d = g
             torch._foreach_copy_(ema, grads)
