@@ -57,3 +57,32 @@ def check_sliced(grads: Sequence[torch.Tensor], k: int) -> None:
         check_tensor(g, f"grads[{i}]")
         if k > 1 and (g.dim() == 0 or g.shape[0] != k):
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)}; expected leading dim {k}")
+
+
+# The list checks of each op, called by the reference ops and by the fake (meta) impls of sam_fused/_registry.py:
+# a call the dispatcher routes to the fakes (a meta tensor in a list) must fail like any other mismatched call.
+
+
+def check_grad_sumsq(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None, k: int) -> None:
+    if params is None:
+        check_sliced(grads, k)
+    else:
+        check_lists("params", params, {"grads": grads}, {"grads": k} if k > 1 else None)
+
+
+def check_perturb(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  backups: Sequence[torch.Tensor]) -> None:
+    check_lists("params", params, {"grads": grads, "backups": backups})
+
+
+def check_perturb_batched(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], k: int) -> None:
+    check_lists("params", params, {"grads": grads}, {"grads": k})
+
+
+def check_restore(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) -> None:
+    check_lists("params", params, {"backups": backups})
+
+
+def check_fsam(grads: Sequence[torch.Tensor], ema: Sequence[torch.Tensor],
+               params: Sequence[torch.Tensor] | None) -> None:
+    check_lists("grads", grads, {"ema": ema, "params": params})

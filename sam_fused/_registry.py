@@ -6,7 +6,8 @@ Each schema below is defined in two namespaces:
                          kernels for the ``CPU`` / ``CUDA`` keys from ``csrc/<backend>/`` and take precedence there.
   * ``sam_fused_triton`` the Triton kernels of ``kernels/`` (their own namespace because the CUDA key of
                          ``sam_fused`` belongs to the CUDA C++ kernels).
-A fake (meta) implementation per op lets ``torch.compile`` and ``opcheck`` trace them.
+A fake (meta) implementation per op lets ``torch.compile`` and ``opcheck`` trace them; it validates the lists like
+the reference, since a meta tensor in any list routes a call to it.
 
 Shapes: ``p`` any shape; with ``k = micro_batches > 1`` every grad is ``[k, *p.shape]``.
 ``sumsq`` is fp32: ``[k]`` per micro-batch (``[1]`` for plain SAM).
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import _checks, reference
 
 NAMESPACES = ("sam_fused", "sam_fused_triton")
 
@@ -45,22 +46,27 @@ def _device_of(tensors: list[torch.Tensor]) -> torch.device:
 
 
 def _fake_grad_sumsq(grads, params=None, eta=0.0, micro_batches=1):
+    _checks.check_grad_sumsq(grads, params, micro_batches)
     return torch.empty(micro_batches, dtype=torch.float32, device=_device_of(grads))
 
 
 def _fake_perturb_(params, grads, backups, sumsq, rho, eps=1e-12, adaptive=False, eta=0.0, normalize=True):
+    _checks.check_perturb(params, grads, backups)
     return None
 
 
 def _fake_perturb_batched(params, grads, sumsq, rho, eps=1e-12, adaptive=False, eta=0.0, normalize=True):
+    _checks.check_perturb_batched(params, grads, sumsq.numel())
     return [torch.empty_like(g, dtype=p.dtype) for p, g in zip(params, grads)]
 
 
 def _fake_restore_(params, backups):
+    _checks.check_restore(params, backups)
     return None
 
 
 def _fake_fsam_direction_(grads, ema, sigma, lmbda, first, params=None, eta=0.0):
+    _checks.check_fsam(grads, ema, params)
     return torch.empty(1, dtype=torch.float32, device=_device_of(grads))
 
 
