@@ -20,25 +20,27 @@ Bucket = tuple[torch.device, torch.dtype]
 def _buckets(name: str, primary: Tensors, others: dict[str, Tensors | None]) -> dict[Bucket, list[int] | None]:
     """Indices of `primary` grouped by (device, dtype); None stands for "all of them" (the common single bucket).
 
-    Only what grouping needs is looked at here, since this runs every step over every parameter: the backend op
-    validates each tensor (the reference and Triton in Python, the C++ kernels in C++) and raises ValueError /
-    TypeError naming the list and index.
+    This runs every step over every parameter, so it looks only at what grouping needs, with the cheapest per-tensor
+    tests first (2000 tensors: ~0.2 ms, against ~1 ms for a (device, dtype) key per tensor). The backend op
+    validates the other lists against `primary` tensor by tensor (device, dtype, shape; the fake impls too, for a
+    meta tensor that would route the call to them) and raises ValueError / TypeError naming the list and index.
     """
     n = len(primary)
     for other, ts in others.items():
         if ts is not None and len(ts) != n:
             raise ValueError(f"{other} has {len(ts)} tensors but {name} has {n}")
-    keys = [(t.device, t.dtype) for t in primary]
-    devices = {key[0] for key in keys}
-    for other, ts in others.items():  # a tensor on another device would make the dispatcher skip the kernel
-        if ts is not None and not {t.device for t in ts} <= devices:
-            i = next(i for i, t in enumerate(ts) if t.device != keys[i][0])
-            raise ValueError(f"{other}[{i}] is on {ts[i].device} but {name}[{i}] is on {keys[i][0]}")
-    if len(set(keys)) <= 1:
-        return {keys[0]: None} if keys else {}
+    if n == 0:
+        return {}
+    device, dtype = primary[0].device, primary[0].dtype
+    if device.type == "cpu":  # t.is_cpu: no torch.device object per tensor
+        single = all(t.is_cpu and t.dtype == dtype for t in primary)
+    else:
+        single = all(t.device == device and t.dtype == dtype for t in primary)
+    if single:
+        return {(device, dtype): None}
     groups: dict[Bucket, list[int]] = defaultdict(list)
-    for i, key in enumerate(keys):
-        groups[key].append(i)
+    for i, t in enumerate(primary):
+        groups[(t.device, t.dtype)].append(i)
     return dict(groups)
 
 
