@@ -2,8 +2,8 @@
 
 Every op runs with backend="cpu" and backend="torch" on copies of the same random tensor lists (empty tensors, size 1,
 odd sizes, 4-D, > 65,536 elements, non-contiguous views) in fp32/bf16/fp16. fp32 must agree within 1e-6 relative,
-bf16/fp16 within one ulp of the storage dtype, backups and restores bit for bit. Also: thread-count determinism,
-opcheck, non-finite and zero gradients, and invalid inputs raising instead of crashing.
+bf16/fp16 within one ulp of the storage dtype, backups and restores bit for bit, with plain and with streaming stores.
+Also: thread-count determinism, opcheck, non-finite and zero gradients, and invalid inputs raising instead of crashing.
 """
 
 from __future__ import annotations
@@ -134,10 +134,19 @@ def test_grad_sumsq_parity(dtype: torch.dtype, k: int, adaptive: bool, eta: floa
     assert_sums_close(got, ops.grad_sumsq(grads, p, eta, micro_batches=k, backend="torch"), "sumsq")
 
 
+@pytest.fixture(params=["plain", "streaming"])
+def store_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """perturb_ and restore_ write with plain or streaming (non-temporal) stores (csrc/cpu/streaming.h); by default
+    streaming only above the LLC size, which these small lists never reach, so both paths are forced here."""
+    monkeypatch.setenv("SAM_FUSED_CPU_STREAMING", "1" if request.param == "streaming" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive,eta", ADAPTIVE)
 @pytest.mark.parametrize("normalize", [True, False])
-def test_perturb_and_restore_parity(dtype: torch.dtype, adaptive: bool, eta: float, normalize: bool) -> None:
+def test_perturb_and_restore_parity(dtype: torch.dtype, adaptive: bool, eta: float, normalize: bool,
+                                    store_kind: str) -> None:
     original, grads = _params(dtype), _grads(dtype)
     sumsq = ops.grad_sumsq(grads, original if adaptive else None, eta, backend="torch")
     results = {}
@@ -223,7 +232,7 @@ def test_zero_gradients_give_zero_perturbation(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_non_finite_gradients_give_no_perturbation(dtype: torch.dtype, bad: float) -> None:
+def test_non_finite_gradients_give_no_perturbation(dtype: torch.dtype, bad: float, store_kind: str) -> None:
     original, grads = _params(dtype), _grads(dtype)
     grads[BIG][100] = bad
     params, backups = _clone(original), [torch.empty_like(p) for p in original]
@@ -243,7 +252,7 @@ def test_non_finite_gradients_give_no_perturbation(dtype: torch.dtype, bad: floa
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_restore_is_bit_exact_for_any_bits(dtype: torch.dtype) -> None:
+def test_restore_is_bit_exact_for_any_bits(dtype: torch.dtype, store_kind: str) -> None:
     """Arbitrary bit patterns (NaN payloads, -0.0, subnormals, inf) survive backup and restore."""
     gen = torch.Generator().manual_seed(3)
     int_dtype = torch.int32 if dtype == torch.float32 else torch.int16
@@ -256,6 +265,37 @@ def test_restore_is_bit_exact_for_any_bits(dtype: torch.dtype) -> None:
     params = [torch.zeros_like(p) for p in params]
     ops.restore_(params, backups, backend="cpu")
     assert_bit_equal(params, original, "restored")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offsets", [(1, 0), (0, 3), (5, 5)])
+def test_streaming_stores_on_unaligned_views(dtype: torch.dtype, offsets: tuple[int, int]) -> None:
+    """Streaming stores need 64-byte aligned destinations: views starting a few elements into their storage (w and
+    backup misaligned differently) take the plain head and tail and the streamed body, and stay exact."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [3, 100, 40_000, 70_001]
+    w_off, b_off = offsets
+
+    def view(n: int, off: int) -> torch.Tensor:
+        return torch.randn(n + off, generator=gen).to(dtype)[off:]
+
+    original = [view(n, w_off) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    sumsq = ops.grad_sumsq(grads, backend="torch")
+    results = {}
+    for kind, backend in (("0", "torch"), ("1", "cpu")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SAM_FUSED_CPU_STREAMING", kind)
+            params = [view(n, w_off).copy_(o) for n, o in zip(sizes, original)]
+            backups = [view(n, b_off) for n in sizes]
+            ops.perturb_(params, grads, backups, sumsq, 0.05, backend=backend)
+            assert_bit_equal(backups, original, f"{backend} backups")
+            results[backend] = [p.clone() for p in params]
+            restored = [view(n, b_off) for n in sizes]
+            ops.restore_(restored, backups, backend=backend)
+            assert_bit_equal(restored, original, f"{backend} restored")
+    for i, (a, e) in enumerate(zip(results["cpu"], results["torch"])):
+        assert_close_storage(a, e, f"params[{i}]")
 
 
 def _every_op(dtype: torch.dtype) -> dict[str, Callable[[], object]]:

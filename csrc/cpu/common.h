@@ -184,13 +184,14 @@ class ChunkPlan {
   int64_t num_chunks() const { return (end_ + kChunk - 1) / kChunk; }
 
   // Runs piece(chunk, seg, lo, hi) for every part [lo, hi) (segment-relative element indices) of every segment,
-  // chunk by chunk, chunks spread over threads by at::parallel_for. Within a chunk pieces come in segment order.
+  // chunk by chunk, chunks spread over threads by at::parallel_for. Within a chunk pieces come in segment order;
+  // `reverse` visits the chunks last to first (each thread walks its range downwards), which changes no result.
   template <class F>
-  void run(const F& piece) const {
+  void run(const F& piece, bool reverse = false) const {
     const int64_t chunks = num_chunks();
     if (chunks == 0) return;
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t c = first; c < last; ++c) run_chunk(c, piece);
+      for (int64_t c = first; c < last; ++c) run_chunk(reverse ? chunks - 1 - c : c, piece);
     });
   }
 

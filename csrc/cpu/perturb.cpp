@@ -4,16 +4,18 @@
 // g, write the bit-exact backup of w and the perturbed w (16 bytes per fp32 parameter, the minimum). The scale
 // rho / (sqrt(sumsq) + eps) is read from the CPU sumsq tensor inside the op; non-finite sumsq (overflowed or NaN
 // gradients) leaves w untouched and still writes the backup, as the reference does. perturb_batched writes k
-// perturbed copies for parallel micro-batches; restore_ copies the backups back (a memcpy per piece: bit-exact).
+// perturbed copies for parallel micro-batches; restore_ copies the backups back (bits copied: bit-exact). When an
+// op's lists do not fit in the LLC, the backups (perturb_) and the restored weights (restore_) go out with streaming
+// stores (streaming.h): 4 bytes less DRAM traffic per written fp32 element.
 // All three run over the chunked work list of common.h, per-element math from shared/sam_math.h.
 #include "common.h"
 #include "ops.h"
 #include "sam_math_cpu.h"
+#include "streaming.h"
 
 #include <ATen/ops/empty_like.h>
 
 #include <cmath>
-#include <cstring>
 #include <initializer_list>
 
 namespace sam_fused::cpu {
@@ -39,13 +41,18 @@ struct PerturbSeg {
   int64_t n;
 };
 
-template <class T, bool kAdaptive>
+// kStream: the backup is written with streaming stores (streaming.h); needs s.backup + lo stream-aligned.
+template <class T, bool kAdaptive, bool kStream>
 void perturb_piece(const PerturbSeg<T>& s, int64_t lo, int64_t hi, float scale, float eta) {
   const int64_t vec_hi = vector_end(lo, hi, Pack<T>::kWidth);
   const Vec scale_v(scale), eta_v(eta);
   for (int64_t i = lo; i < vec_hi; i += Pack<T>::kWidth) {
     const auto raw = Pack<T>::load_raw(s.w + i);
-    Pack<T>::store_raw(s.backup + i, raw);  // the stored bits of w, not a float round trip
+    if constexpr (kStream) {  // the stored bits of w, not a float round trip
+      stream_raw<T>(s.backup + i, raw);
+    } else {
+      Pack<T>::store_raw(s.backup + i, raw);
+    }
     Vec w0, w1, g0, g1;
     Pack<T>::to_float(raw, w0, w1);
     load_pack(s.g + i, g0, g1);
@@ -58,11 +65,16 @@ void perturb_piece(const PerturbSeg<T>& s, int64_t lo, int64_t hi, float scale, 
     const float w = to_f32(wi);
     s.w[i] = from_f32<T>(perturb_value<kAdaptive>(w, to_f32(s.g[i]), scale, eta, std::fabs(w)));
   }
+  if constexpr (kStream) stream_fence();
 }
 
-template <class T>
-void copy_piece(T* dst, const T* src, int64_t lo, int64_t hi) {
-  std::memcpy(dst + lo, src + lo, static_cast<size_t>(hi - lo) * sizeof(T));
+template <class T, bool kAdaptive>
+void perturb_any(const PerturbSeg<T>& s, int64_t lo, int64_t hi, float scale, float eta, bool streaming) {
+  if (streaming && stream_aligned(s.backup + lo)) {
+    perturb_piece<T, kAdaptive, true>(s, lo, hi, scale, eta);
+  } else {
+    perturb_piece<T, kAdaptive, false>(s, lo, hi, scale, eta);
+  }
 }
 
 template <class T>
@@ -71,21 +83,29 @@ void run_perturb(at::TensorList params, at::TensorList grads, at::TensorList bac
   LayoutScope scope;
   ChunkPlan<PerturbSeg<T>> plan;
   plan.reserve(params.size());
+  int64_t numel = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& w = scope.reference(params[i], /*mutated=*/true);
     const at::Tensor& g = scope.input(grads[i], w);
     const at::Tensor& b = scope.output(backups[i], w, /*read=*/false);
     plan.add({w.data_ptr<T>(), g.const_data_ptr<T>(), b.data_ptr<T>(), w.numel()});
+    numel += w.numel();
   }
-  plan.run([&](int64_t, const PerturbSeg<T>& s, int64_t lo, int64_t hi) {
-    if (!enabled) {
-      copy_piece(s.backup, s.w, lo, hi);  // non-finite gradients: backup only, w untouched
-    } else if (adaptive) {
-      perturb_piece<T, true>(s, lo, hi, scale, eta);
-    } else {
-      perturb_piece<T, false>(s, lo, hi, scale, eta);
-    }
-  });
+  // w, g and the backups; the backups are read again only by restore_, after a forward and backward pass.
+  const bool streaming = use_streaming(3 * numel * static_cast<int64_t>(sizeof(T)));
+  // Reverse chunk order: grad_sumsq, which normally ran just before, read the gradients front to back, so their last
+  // chunks are the ones still in cache.
+  plan.run(
+      [&](int64_t, const PerturbSeg<T>& s, int64_t lo, int64_t hi) {
+        if (!enabled) {
+          copy_elements(s.backup, s.w, lo, hi, streaming);  // non-finite gradients: backup only, w untouched
+        } else if (adaptive) {
+          perturb_any<T, true>(s, lo, hi, scale, eta, streaming);
+        } else {
+          perturb_any<T, false>(s, lo, hi, scale, eta, streaming);
+        }
+      },
+      /*reverse=*/true);
   scope.finish();
 }
 
@@ -137,7 +157,7 @@ std::vector<at::Tensor> run_batched(at::TensorList params, at::TensorList grads,
   plan.run([&](int64_t, const BatchedSeg<T>& s, int64_t lo, int64_t hi) {
     const auto j = static_cast<size_t>(s.slice);
     if (!enabled[j]) {
-      copy_piece(s.out, s.w, lo, hi);  // non-finite sumsq[j]: that copy is the unperturbed w
+      copy_elements(s.out, s.w, lo, hi, /*streaming=*/false);  // non-finite sumsq[j]: that copy is the unperturbed w
     } else if (adaptive) {
       batched_piece<T, true>(s, lo, hi, scales[j], eta);
     } else {
@@ -162,6 +182,7 @@ void run_restore(at::TensorList params, at::TensorList backups) {
   LayoutScope scope;
   ChunkPlan<CopySeg<T>> plan;
   plan.reserve(params.size());
+  int64_t numel = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     // w is only written: a non-dense w gets an uninitialized temporary that finish() copies back.
     const at::Tensor& w = params[i].is_non_overlapping_and_dense()
@@ -169,8 +190,12 @@ void run_restore(at::TensorList params, at::TensorList backups) {
                               : scope.contiguous(params[i], /*mutated=*/true, /*read=*/false);
     const at::Tensor& b = scope.input(backups[i], w);
     plan.add({w.data_ptr<T>(), b.const_data_ptr<T>(), w.numel()});
+    numel += w.numel();
   }
-  plan.run([&](int64_t, const CopySeg<T>& s, int64_t lo, int64_t hi) { copy_piece(s.dst, s.src, lo, hi); });
+  const bool streaming = use_streaming(2 * numel * static_cast<int64_t>(sizeof(T)));  // w and the backups
+  plan.run([&](int64_t, const CopySeg<T>& s, int64_t lo, int64_t hi) {
+    copy_elements(s.dst, s.src, lo, hi, streaming);
+  });
   scope.finish();
 }
 
