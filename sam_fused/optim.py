@@ -57,6 +57,8 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 def make_slots(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[_Slot]:
     """One slot per kind of parameter in `group`: plain (or replicated) tensors, and sharded ones per process group."""
+    if not any(issubclass(cls, DTensor) for cls in set(map(type, params))):  # the common case, no work per tensor
+        return [_Slot(group, params, grads, owners=params)] if params else []
     by_group: dict[Any, _Slot] = {}
     for p, g in zip(params, grads):
         p_local, pg = _local(p)
@@ -152,23 +154,27 @@ class SAM(torch.optim.Optimizer):
         return bool(self._perturbed)
 
     def _slots(self) -> list[_Slot]:
+        """This step's slots: the parameters that have a gradient. The op layer validates the gradients (dense,
+        real floating point); _check_grads() names a bad one when it refuses them."""
         slots = []
-        for gi, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse or g.layout != torch.strided:
-                    raise TypeError(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) has a sparse "
-                                    "gradient; SAM needs dense gradients")
-                if g.is_complex():
-                    raise TypeError(f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}) is complex; "
-                                    "sam_fused supports real floating-point parameters only")
-                params.append(p)
-                grads.append(g)
+        for group in self.param_groups:
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                params = [p for p, g in zip(params, grads) if g is not None]
+                grads = [g for g in grads if g is not None]
             slots.extend(make_slots(group, params, grads))
         return slots
+
+    def _check_grads(self) -> None:
+        """Raise a TypeError naming the first parameter whose gradient SAM cannot use (sparse or complex)."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g, where = p.grad, f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+                if g is not None and (g.is_sparse or g.layout != torch.strided):
+                    raise TypeError(f"{where} has a sparse gradient; SAM needs dense gradients")
+                if g is not None and g.is_complex():
+                    raise TypeError(f"{where} is complex; sam_fused supports real floating-point parameters only")
 
     def _direction_sumsq(self, slots: list[_Slot]) -> torch.Tensor | None:
         """The global sum of (T * direction)^2 over all slots: fp32 [1] on the first slot's device."""
@@ -223,10 +229,16 @@ class SAM(torch.optim.Optimizer):
         scaler will skip) leave the weights unperturbed. Returns the global norm of the perturbation direction as a
         device tensor (inf/nan when the perturbation was skipped; reading it synchronizes, so only read if needed).
         """
-        slots = self._slots()
-        if grad_scaler is not None and grad_scaler.is_enabled():
-            self._unscale(slots, grad_scaler)
-        self.last_grad_norm = self._perturb(slots)
+        slots, already_perturbed = self._slots(), self.is_perturbed
+        try:
+            if grad_scaler is not None and grad_scaler.is_enabled():
+                self._unscale(slots, grad_scaler)
+            self.last_grad_norm = self._perturb(slots)
+        except Exception:
+            if not already_perturbed:  # (then _perturb refused to start) never leave part of the weights perturbed
+                self.restore()
+            self._check_grads()  # a sparse or complex gradient: say which one
+            raise
         if zero_grad:
             self.zero_grad()
         return self.last_grad_norm

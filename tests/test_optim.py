@@ -426,6 +426,28 @@ def test_sparse_and_complex_gradients_rejected(backend: str) -> None:
     assert not opt.is_perturbed
 
 
+def test_failed_first_step_leaves_no_weight_perturbed(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the first param group was perturbed (here: the second perturb_ call raises) restores it."""
+    model, (x, y) = make_model(), make_data()
+    opt = sam_fused.SAM(_groups(model), torch.optim.SGD, lr=LR, backend=backend)
+    mse(model(x), y).backward()
+    before = {k: v.clone() for k, v in weights(model).items()}
+    real, calls = sam_fused.optim.ops.perturb_, []
+
+    def failing_second_call(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(sam_fused.optim.ops, "perturb_", failing_second_call)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        opt.first_step()
+    assert len(calls) == 2 and not opt.is_perturbed
+    for k, v in weights(model).items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_unknown_backend_rejected(backend: str) -> None:
     model, (x, y) = make_model(), make_data()
     opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend="nope")
