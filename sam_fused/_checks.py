@@ -86,3 +86,13 @@ def check_restore(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor
 def check_fsam(grads: Sequence[torch.Tensor], ema: Sequence[torch.Tensor],
                params: Sequence[torch.Tensor] | None) -> None:
     check_lists("grads", grads, {"ema": ema, "params": params})
+
+
+def check_restore_sgd(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      momentum_buffers: Sequence[torch.Tensor], momentum: float) -> None:
+    """momentum_buffers: one per param when momentum != 0 (torch.optim.SGD's state), else an empty list."""
+    if momentum != 0.0 and len(momentum_buffers) != len(params):
+        raise ValueError(f"momentum_buffers has {len(momentum_buffers)} tensors but params has {len(params)} "
+                         "(one per param when momentum != 0)")
+    check_lists("params", params, {"backups": backups, "grads": grads,
+                                   "momentum_buffers": momentum_buffers if momentum != 0.0 else None})

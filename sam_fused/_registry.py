@@ -40,6 +40,16 @@ SCHEMAS = {
 
 OPS = tuple(SCHEMAS)
 
+# Fused optimizer steps: restore + the base optimizer's update in one pass, bit-for-bit equal to restore_ followed by
+# torch's own step. Namespace sam_fused only, fp32 CPU kernel (csrc/cpu/sgd.cpp) and the reference for any device;
+# SAM.second_step uses it when it can (see SAM._fused_sgd_lists).
+STEP_SCHEMAS = {
+    "restore_sgd_": (
+        "restore_sgd_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "float lr, float weight_decay=0.0, float momentum=0.0, float dampening=0.0, bool nesterov=False) -> ()"
+    ),
+}
+
 
 def _device_of(tensors: list[torch.Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
@@ -70,12 +80,19 @@ def _fake_fsam_direction_(grads, ema, sigma, lmbda, first, params=None, eta=0.0)
     return torch.empty(1, dtype=torch.float32, device=_device_of(grads))
 
 
+def _fake_restore_sgd_(params, backups, grads, momentum_buffers, lr, weight_decay=0.0, momentum=0.0, dampening=0.0,
+                       nesterov=False):
+    _checks.check_restore_sgd(params, backups, grads, momentum_buffers, momentum)
+    return None
+
+
 _FAKES = {
     "grad_sumsq": _fake_grad_sumsq,
     "perturb_": _fake_perturb_,
     "perturb_batched": _fake_perturb_batched,
     "restore_": _fake_restore_,
     "fsam_direction_": _fake_fsam_direction_,
+    "restore_sgd_": _fake_restore_sgd_,
 }
 
 _libraries = []  # keep the Library objects alive: dropping one unregisters its ops
@@ -87,9 +104,13 @@ def _define_all() -> None:
         for name, schema in SCHEMAS.items():
             lib.define(schema)
             torch.library.register_fake(f"{ns}::{name}", _FAKES[name], lib=lib)
+        if ns == "sam_fused":
+            for name, schema in STEP_SCHEMAS.items():
+                lib.define(schema)
+                torch.library.register_fake(f"{ns}::{name}", _FAKES[name], lib=lib)
         _libraries.append(lib)
     reference_impl = torch.library.Library("sam_fused", "IMPL")
-    for name in OPS:
+    for name in (*OPS, *STEP_SCHEMAS):
         reference_impl.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
     _libraries.append(reference_impl)
 

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from . import _registry  # noqa: F401  (defines torch.ops.sam_fused.*)
+from . import _registry, reference  # noqa: F401  (_registry defines torch.ops.sam_fused.*)
 from ._backends import choose, op_table
 
 Tensors = list[torch.Tensor]
@@ -148,3 +148,26 @@ def fsam_direction_(
     if out is None:
         return torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
     return out
+
+
+def restore_sgd_(
+    params: Tensors,
+    backups: Tensors,
+    grads: Tensors,
+    momentum_buffers: Tensors,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    backend: str = "auto",
+) -> None:
+    """w <- backup, then torch.optim.SGD's update of w with grads and momentum_buffers (one per param when
+    momentum != 0, else []), bit-for-bit like restore_ followed by torch's step. Fused (one pass) by the cpu backend
+    for fp32; elsewhere the reference runs the two steps."""
+    others = {"backups": backups, "grads": grads, "momentum_buffers": momentum_buffers if momentum != 0 else None}
+    for (device, dtype), idx in _buckets("params", params, others).items():
+        fused = choose(backend, device, dtype) == "cpu" and dtype == torch.float32
+        op = torch.ops.sam_fused.restore_sgd_ if fused else reference.restore_sgd_
+        op(_pick(params, idx), _pick(backups, idx), _pick(grads, idx),
+           _pick(momentum_buffers, idx) if momentum != 0 else [], lr, weight_decay, momentum, dampening, nesterov)

@@ -14,12 +14,14 @@ Equations (DESIGN section 1), with the global norm taken over every parameter th
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.optim.optimizer as _optimizer_module
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from . import ops
@@ -121,7 +123,8 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
         self._backups: dict[torch.Tensor, torch.Tensor] = {}  # reused every step; never checkpointed
-        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self._perturbed: list[tuple[_Slot, list[torch.Tensor]]] = []  # (slot, its backups) since first_step
+        self.fused_second_step = True  # restore + torch.optim.SGD update in one pass where exact (_fused_sgd_plan)
         self.last_grad_norm: torch.Tensor | None = None
 
     def _extra_defaults(self) -> dict[str, Any]:
@@ -216,7 +219,7 @@ class SAM(torch.optim.Optimizer):
             g = s.group
             ops.perturb_(s.params, s.grads, backups, sumsq, g["rho"], EPS, g["adaptive"], g["eta"], g["normalize"],
                          backend=self.backend)
-            self._perturbed.append((s.params, backups))
+            self._perturbed.append((s, backups))
         return sumsq.sqrt()
 
     @torch.no_grad()
@@ -259,8 +262,8 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the weights saved by first_step (bit-exact). A no-op when not perturbed."""
-        for params, backups in self._perturbed:
-            ops.restore_(params, backups, backend=self.backend)
+        for slot, backups in self._perturbed:
+            ops.restore_(slot.params, backups, backend=self.backend)
         self._perturbed.clear()
 
     @torch.no_grad()
@@ -270,14 +273,61 @@ class SAM(torch.optim.Optimizer):
         With ``grad_scaler``, the scaler unscales those gradients and skips the step if they are not finite; the
         weights are restored first either way. Call ``grad_scaler.update()`` afterwards as usual.
         """
-        self.restore()
-        if grad_scaler is not None:
-            grad_scaler.step(self.base_optimizer)
+        plan = self._fused_sgd_plan() if grad_scaler is None and self.fused_second_step else None
+        if plan is not None:
+            for g, params, backups, grads, bufs in plan:
+                ops.restore_sgd_(params, backups, grads, bufs, g["lr"], g["weight_decay"], g["momentum"],
+                                 g["dampening"], g["nesterov"], backend=self.backend)
+            self._perturbed.clear()
+            self.base_optimizer._opt_called = True  # as its step() would record for an LR scheduler
         else:
-            self.base_optimizer.step()
+            self.restore()
+            if grad_scaler is not None:
+                grad_scaler.step(self.base_optimizer)
+            else:
+                self.base_optimizer.step()
         self._opt_called = True  # what an LR scheduler's wrapper of step() records: the optimizer has stepped
         if zero_grad:
             self.zero_grad()
+
+    def _fused_sgd_plan(self) -> list[tuple] | None:
+        """(group, params, backups, grads, momentum buffers) per perturbed slot for ops.restore_sgd_, which gives
+        bit-for-bit what restore() and torch.optim.SGD.step() give; None when second_step must run those two instead:
+        the base optimizer is not exactly torch.optim.SGD (its single- or multi-tensor path: no maximize, fused,
+        differentiable or tensor hyperparameters, no step hooks or patched step), a tensor is not fp32 on the CPU,
+        the parameters with a gradient are not the perturbed ones, or a momentum buffer does not exist yet (torch's
+        first step creates it by cloning the gradient)."""
+        base = self.base_optimizer
+        if type(base) is not torch.optim.SGD or not self._perturbed or getattr(base, "grad_scale", None) is not None:
+            return None
+        step = vars(base).get("step")
+        if step is not None and not getattr(step, "_wrapped_by_lr_sched", False):
+            return None
+        if (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks
+                or _optimizer_module._global_optimizer_pre_hooks or _optimizer_module._global_optimizer_post_hooks):
+            return None
+        perturbed = {id(slot.group): (slot, backups) for slot, backups in self._perturbed}
+        if len(perturbed) != len(self._perturbed) or any(s.params is not s.owners for s, _ in self._perturbed):
+            return None  # DTensors: local shards in several slots
+        plan = []
+        for g in self.param_groups:
+            hyper = (g["lr"], g["weight_decay"], g["momentum"], g["dampening"])
+            if g["maximize"] or g.get("fused") or g.get("differentiable") or any(map(torch.is_tensor, hyper)):
+                return None
+            slot, backups = perturbed.pop(id(g), (None, []))
+            params = [p for p in g["params"] if p.grad is not None]
+            perturbed_params = [] if slot is None else slot.owners
+            if len(params) != len(perturbed_params) or not all(map(operator.is_, params, perturbed_params)):
+                return None
+            if not params:
+                continue
+            if not all(p.is_cpu and p.dtype == torch.float32 for p in params):
+                return None
+            bufs = [base.state[p].get("momentum_buffer") for p in params] if g["momentum"] != 0 else []
+            if any(b is None for b in bufs):
+                return None
+            plan.append((g, slot.params, backups, [p.grad for p in params], bufs))
+        return plan if not perturbed else None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SAM step. The caller has already run the first forward/backward; `closure` re-runs it (at w + e).

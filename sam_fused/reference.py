@@ -137,3 +137,26 @@ def fsam_direction_(
             torch._foreach_copy_(grads, d)
             torch._foreach_copy_(ema, new_m)
     return grad_sumsq(grads, params, eta, 1)  # of the stored (rounded) direction
+
+
+def restore_sgd_(
+    params: Tensors,
+    backups: Tensors,
+    grads: Tensors,
+    momentum_buffers: Tensors,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+) -> None:
+    """restore_(params, backups), then torch.optim.SGD's update (maximize=False, existing momentum buffers) with the
+    same torch ops as torch's own single-tensor SGD, hence bit-for-bit its result."""
+    _checks.check_restore_sgd(params, backups, grads, momentum_buffers, momentum)
+    restore_(params, backups)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = g.add(p, alpha=weight_decay) if weight_decay != 0 else g
+        if momentum != 0:
+            buf = momentum_buffers[i].mul_(momentum).add_(d, alpha=1 - dampening)
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(d, alpha=-lr)

@@ -115,3 +115,16 @@ def test_cli_end_to_end(tmp_path) -> None:
             continue
         assert r["bytes"] == {"grad_sumsq": 4, "perturb_": 16, "restore_": 8, "step": 28}[r["op"]] * r["params"]
         assert r["gbps"] > 0 and r["x_roofline"] > 0
+
+
+def test_second_step_bench_end_to_end(tmp_path) -> None:
+    out = tmp_path / "second.json"
+    cmd = [sys.executable, "-m", "sam_fused.bench.second_step", "--profiles", "tiny", "--repeat", "2", "--warmup", "1",
+           "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"restore_ + SGD.step()", "restore_ + SGD(foreach).step()",
+                                         "restore_sgd_ (fused)"}
+    assert all(r["profile"] == "tiny" and r["median_ms"] > 0 for r in rows)
+    assert [r["vs_fused"] for r in rows if r["impl"] == "restore_sgd_ (fused)"] == [1.0]

@@ -482,11 +482,19 @@ def test_compile_fullgraph_first_step_and_restore(backend: str) -> None:
 def test_compile_second_step_breaks_only_in_torch_optim(backend: str) -> None:
     """Documents what stops fullgraph for second_step: torch.optim's own step() inserts a graph break (its
     `_use_grad` wrapper calls torch._dynamo.graph_break()), and Optimizer.zero_grad is on Dynamo's skip list.
-    Without fullgraph the step compiles and matches eager."""
+    The fused SGD second step (restore_sgd_) does not call it and compiles fullgraph. Without fullgraph the step
+    compiles and matches eager either way."""
     x, y = make_data()
     model = make_model()
     opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
     torch._dynamo.reset()
+    mse(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    mse(model(x), y).backward()
+    torch.compile(lambda: opt.second_step(), fullgraph=True)()  # fused: restore_sgd_, no torch.optim step
+    assert not opt.is_perturbed
+    opt.zero_grad()
+    opt.fused_second_step = False
     mse(model(x), y).backward()
     opt.first_step(zero_grad=True)
     mse(model(x), y).backward()

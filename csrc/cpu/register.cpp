@@ -43,6 +43,7 @@ TORCH_LIBRARY_IMPL(sam_fused, CPU, m) {
   m.impl("perturb_batched", TORCH_FN(sam_fused::cpu::perturb_batched));
   m.impl("restore_", TORCH_FN(sam_fused::cpu::restore_));
   m.impl("fsam_direction_", TORCH_FN(sam_fused::cpu::fsam_direction_));
+  m.impl("restore_sgd_", TORCH_FN(sam_fused::cpu::restore_sgd_));
 }
 
 // A plain module with no functions: the ops are reached through torch.ops.sam_fused.*. Its `cpu_capability`
