@@ -5,8 +5,8 @@
 // rho / (sqrt(sumsq) + eps) is read from the CPU sumsq tensor inside the op; non-finite sumsq (overflowed or NaN
 // gradients) leaves w untouched and still writes the backup, as the reference does. perturb_batched writes k
 // perturbed copies for parallel micro-batches; restore_ copies the backups back (bits copied: bit-exact). When an
-// op's lists do not fit in the LLC, the backups (perturb_) and the restored weights (restore_) go out with streaming
-// stores (streaming.h): 4 bytes less DRAM traffic per written fp32 element.
+// op's lists do not fit in the LLC together, the backups (perturb_) and the restored weights (restore_) go out with
+// streaming stores (streaming.h): 4 bytes less DRAM traffic per written fp32 element.
 // All three run over the chunked work list of common.h, per-element math from shared/sam_math.h.
 #include "common.h"
 #include "ops.h"
