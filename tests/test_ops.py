@@ -191,3 +191,23 @@ def test_opcheck(name: str) -> None:
     """torch.library.opcheck of torch.ops.sam_fused.<op> on CPU tensors: the compiled CPU kernel when it is built,
     else the reference (registered for CompositeExplicitAutograd)."""
     torch.library.opcheck(getattr(torch.ops.sam_fused, name), _opcheck_args(name))
+
+
+def test_mixed_dtype_lists_are_grouped() -> None:
+    """One list mixing fp32, bf16, fp64 and fp16 runs as one call per dtype (fp64 on the reference), and gives what
+    the reference gives tensor by tensor."""
+    gen = torch.Generator().manual_seed(4)
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.float16]
+    params = [torch.randn(3 + i, generator=gen).to(dt) for i, dt in enumerate(dtypes)]
+    grads = [torch.randn(3 + i, generator=gen).to(dt) for i, dt in enumerate(dtypes)]
+    sumsq = ops.grad_sumsq(grads)
+    expected = sum(ops.grad_sumsq([g], backend="torch") for g in grads)
+    torch.testing.assert_close(sumsq, expected, rtol=1e-6, atol=0)
+    work, backups = [p.clone() for p in params], [torch.empty_like(p) for p in params]
+    ops.perturb_(work, grads, backups, sumsq, 0.05)
+    for p, g, w in zip(params, grads, work):
+        ref = [p.clone()]
+        ops.perturb_(ref, [g], [torch.empty_like(p)], sumsq, 0.05, backend="torch")
+        torch.testing.assert_close(w, ref[0], rtol=0, atol=0 if p.dtype == torch.float64 else 1e-2)
+    ops.restore_(work, backups)
+    assert all(torch.equal(w, p) for w, p in zip(work, params))
