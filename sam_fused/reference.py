@@ -46,17 +46,14 @@ def perturb_scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool) 
 def grad_sumsq(grads: Tensors, params: Tensors | None = None, eta: float = 0.0, micro_batches: int = 1) -> torch.Tensor:
     k = micro_batches
     _checks.check_grad_sumsq(grads, params, k)
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros(k, dtype=torch.float32, device=device)
     if not grads:
-        return total
+        return torch.zeros(k, dtype=torch.float32)
     xs = _f32(grads)
     if params is not None:
         t = _t_factor(params, eta)
         xs = torch._foreach_mul(xs, t) if k == 1 else [x * ti for x, ti in zip(xs, t)]  # t broadcasts over k
-    for x in xs:  # [k, n] per tensor, summed per slice
-        total += x.reshape(k, -1).square().sum(dim=1)
-    return total
+    per_tensor = [x.reshape(k, -1).square().sum(dim=1) for x in xs]  # [k] each: x as [k, n], summed per slice
+    return torch.stack(per_tensor).sum(dim=0)
 
 
 def perturb_(
@@ -79,8 +76,17 @@ def perturb_(
     if adaptive:
         t = _t_factor(params, eta)
         direction = torch._foreach_mul(direction, torch._foreach_mul(t, t))
-    for p, d in zip(params, direction):
-        p.copy_(torch.where(finite, p.float() + scale * d, p.float()))
+    if sumsq.device.type != "cpu" or torch.compiler.is_compiling():  # no host sync, no data-dependent branch
+        for p, d in zip(params, direction):
+            p.copy_(torch.where(finite, p.float() + scale * d, p.float()))
+        return
+    if not bool(finite):  # a host tensor: reading it is free, and the whole update is skipped
+        return
+    w = _f32(params)  # fp32 tensors are updated in place, others through fp32 copies rounded once at the store
+    torch._foreach_add_(w, torch._foreach_mul(direction, scale))
+    low = [(p, x) for p, x in zip(params, w) if x is not p]
+    if low:
+        torch._foreach_copy_([p for p, _ in low], [x for _, x in low])
 
 
 def perturb_batched(
