@@ -274,11 +274,7 @@ class SAM(torch.optim.Optimizer):
         weights are restored first either way. Call ``grad_scaler.update()`` afterwards as usual.
         """
         plan = self._fused_sgd_plan() if grad_scaler is None and self.fused_second_step else None
-        if plan is not None:
-            for g, params, backups, grads, bufs in plan:
-                ops.restore_sgd_(params, backups, grads, bufs, g["lr"], g["weight_decay"], g["momentum"],
-                                 g["dampening"], g["nesterov"], backend=self.backend)
-            self._perturbed.clear()
+        if plan is not None and self._fused_sgd_step(plan):
             self.base_optimizer._opt_called = True  # as its step() would record for an LR scheduler
         else:
             self.restore()
@@ -290,8 +286,23 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    def _fused_sgd_step(self, plan: list[tuple]) -> bool:
+        """Run the plan of _fused_sgd_plan. False when its first call refused its inputs (every backend validates
+        before writing, so nothing changed): second_step then runs restore() + step(), as torch would."""
+        for n, (g, slot, backups, grads, bufs) in enumerate(plan):
+            try:
+                ops.restore_sgd_(slot.params, backups, grads, bufs, g["lr"], g["weight_decay"], g["momentum"],
+                                 g["dampening"], g["nesterov"], backend=self.backend)
+            except (TypeError, ValueError):
+                if n == 0:
+                    return False
+                self.restore()  # the groups not stepped yet: never leave weights perturbed
+                raise
+            self._perturbed = [entry for entry in self._perturbed if entry[0] is not slot]
+        return True
+
     def _fused_sgd_plan(self) -> list[tuple] | None:
-        """(group, params, backups, grads, momentum buffers) per perturbed slot for ops.restore_sgd_, which gives
+        """(group, slot, backups, grads, momentum buffers) per perturbed slot for ops.restore_sgd_, which gives
         bit-for-bit what restore() and torch.optim.SGD.step() give; None when second_step must run those two instead:
         the base optimizer is not exactly torch.optim.SGD (its single- or multi-tensor path: no maximize, fused,
         differentiable or tensor hyperparameters, no step hooks or patched step), a tensor is not fp32 on the CPU,
@@ -321,12 +332,14 @@ class SAM(torch.optim.Optimizer):
                 return None
             if not params:
                 continue
-            if not all(p.is_cpu and p.dtype == torch.float32 for p in params):
+            grads = [p.grad for p in params]
+            if not all(p.is_cpu and p.dtype == torch.float32 and gr.dtype == torch.float32
+                       for p, gr in zip(params, grads)):
                 return None
             bufs = [base.state[p].get("momentum_buffer") for p in params] if g["momentum"] != 0 else []
             if any(b is None for b in bufs):
                 return None
-            plan.append((g, slot.params, backups, [p.grad for p in params], bufs))
+            plan.append((g, slot, backups, grads, bufs))
         return plan if not perturbed else None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

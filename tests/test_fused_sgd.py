@@ -170,3 +170,52 @@ def test_unsupported_base_optimizers_take_the_unfused_path() -> None:
     mse(half(x.bfloat16()), y.bfloat16()).backward()
     assert opt._fused_sgd_plan() is None
     opt.second_step()
+
+
+def test_fused_second_step_failures_leave_no_weight_perturbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused first call falls back to restore() + SGD.step(); a failure in a later group restores the groups not
+    stepped yet and propagates."""
+    x, y = make_data()
+    real = ops.restore_sgd_
+    for fail_on, expect_error in ((1, False), (2, True)):
+        model = make_model()
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if n.endswith("weight")]},
+                  {"params": [p for n, p in named if n.endswith("bias")]}]
+        opt = sam_fused.SAM(groups, torch.optim.SGD, lr=0.1, backend=FUSED or "torch")
+        calls: list[int] = []
+
+        def flaky(*args: object, **kwargs: object) -> None:
+            calls.append(1)
+            if len(calls) == fail_on:
+                raise ValueError("refused")
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, "restore_sgd_", flaky)
+        mse(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in named}
+        opt.first_step(zero_grad=True)
+        mse(model(x), y).backward()
+        if expect_error:
+            with pytest.raises(ValueError, match="refused"):
+                opt.second_step()
+            assert torch.equal(named[1][1], before[named[1][0]])  # the bias group was restored, not stepped
+        else:
+            opt.second_step()  # fell back: restore + torch's step
+            assert not torch.equal(named[0][1], before[named[0][0]])
+        assert not opt.is_perturbed
+
+
+def test_half_precision_gradients_take_the_unfused_path() -> None:
+    model, (x, y) = make_model(), make_data()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    mse(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    mse(model(x), y).backward()
+    for p in model.parameters():
+        if hasattr(p, "grad_dtype"):
+            p.grad_dtype = None  # torch >= 2.10 refuses a gradient dtype other than the tensor's unless told
+        p.grad = p.grad.half()
+    assert opt._fused_sgd_plan() is None
+    opt.second_step()
+    assert not opt.is_perturbed
