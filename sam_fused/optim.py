@@ -296,9 +296,11 @@ class SAM(torch.optim.Optimizer):
             except (TypeError, ValueError):
                 if n == 0:
                     return False
+                stepped = {id(item[1]) for item in plan[:n]}
+                self._perturbed = [entry for entry in self._perturbed if id(entry[0]) not in stepped]
                 self.restore()  # the groups not stepped yet: never leave weights perturbed
                 raise
-            self._perturbed = [entry for entry in self._perturbed if entry[0] is not slot]
+        self._perturbed.clear()
         return True
 
     def _fused_sgd_plan(self) -> list[tuple] | None:

@@ -185,7 +185,7 @@ def test_fused_second_step_failures_leave_no_weight_perturbed(monkeypatch: pytes
         opt = sam_fused.SAM(groups, torch.optim.SGD, lr=0.1, backend=FUSED or "torch")
         calls: list[int] = []
 
-        def flaky(*args: object, **kwargs: object) -> None:
+        def flaky(*args: object, calls: list[int] = calls, fail_on: int = fail_on, **kwargs: object) -> None:
             calls.append(1)
             if len(calls) == fail_on:
                 raise ValueError("refused")
