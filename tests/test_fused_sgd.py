@@ -103,10 +103,11 @@ def test_restore_sgd_cpu_kernel_opcheck_and_errors() -> None:
 # ---- SAM.second_step ----------------------------------------------------------------------------------------
 
 
-def _train(opt_kwargs: dict, fused: bool, steps: int = 4, **sam_kwargs: object) -> tuple[dict, dict, int]:
+def _train(opt_kwargs: dict, fused: bool, steps: int = 4, cls: type = sam_fused.SAM,
+           **sam_kwargs: object) -> tuple[dict, dict, int]:
     """SAM steps on a small model; returns (weights, momentum buffers, how many fused second steps ran)."""
     model, (x, y) = make_model(), make_data()
-    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, backend=FUSED or "torch", **sam_kwargs, **opt_kwargs)
+    opt = cls(model.parameters(), torch.optim.SGD, backend=FUSED or "torch", **sam_kwargs, **opt_kwargs)
     opt.fused_second_step = fused
     calls = []
     real = ops.restore_sgd_
@@ -135,9 +136,10 @@ def _train(opt_kwargs: dict, fused: bool, steps: int = 4, **sam_kwargs: object) 
     dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3),
 ])
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_sam_fused_second_step_equals_unfused_bitwise(opt_kwargs: dict, adaptive: bool) -> None:
-    w_fused, buf_fused, fused_calls = _train(opt_kwargs, True, adaptive=adaptive)
-    w_plain, buf_plain, plain_calls = _train(opt_kwargs, False, adaptive=adaptive)
+@pytest.mark.parametrize("cls", [sam_fused.SAM, sam_fused.FriendlySAM])
+def test_sam_fused_second_step_equals_unfused_bitwise(opt_kwargs: dict, adaptive: bool, cls: type) -> None:
+    w_fused, buf_fused, fused_calls = _train(opt_kwargs, True, cls=cls, adaptive=adaptive)
+    w_plain, buf_plain, plain_calls = _train(opt_kwargs, False, cls=cls, adaptive=adaptive)
     # With momentum, torch's first step creates the buffers (a clone of the gradient): that step is not fused.
     assert plain_calls == 0 and fused_calls == (3 if opt_kwargs.get("momentum") else 4)
     for n in w_plain:
