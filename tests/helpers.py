@@ -70,3 +70,51 @@ def sam_step(model: torch.nn.Module, opt: sam_fused.SAM, x: torch.Tensor, y: tor
     opt.first_step(zero_grad=True)
     mse(model(x), y).backward()
     opt.second_step(zero_grad=True)
+
+
+# ---- op-level comparisons shared by the Triton tests (interpreter on CPU, compiled on a GPU) ----------------------
+
+# grad_sumsq / perturb T-factor modes: name -> (adaptive, eta)
+T_MODES = {"T=1": (False, 0.0), "T=|w|": (True, 0.0), "T=|w|+0.01": (True, 0.01)}
+
+
+def random_tensor(shape: tuple, dtype: torch.dtype, gen: torch.Generator, lead: int | None = None,
+                  transposed: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """randn of [lead, *shape] (or shape), drawn on the CPU from `gen`; `transposed` gives a non-contiguous view."""
+    full = ((lead,) if lead else ()) + tuple(shape)
+    if transposed:
+        x = torch.randn(*full[:-2], full[-1], full[-2], generator=gen).transpose(-1, -2)
+    else:
+        x = torch.randn(full, generator=gen)
+    return x.to(device, dtype)
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Integer image of float bits, monotonic in the value (+0 and -0 both map to 0): differences count ulps."""
+    bits = x.view(torch.int32 if x.dtype == torch.float32 else torch.int16).long()
+    sign = torch.tensor(1 << (x.element_size() * 8 - 1), dtype=torch.long, device=x.device)
+    return torch.where(bits >= 0, bits, -(bits + sign))
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """fp32: within 1e-6 relative (tiny atol near zero); bf16/fp16: within 1 ulp of the reference's rounding."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN positions differ"
+    finite = ~expected.isnan()
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-6, atol=1e-12, msg=what or None)
+    else:
+        ulps = (_ordered(actual[finite]) - _ordered(expected[finite])).abs()
+        assert ulps.numel() == 0 or ulps.max().item() <= 1, f"{what}: {ulps.max().item()} ulp from the reference"
+
+
+def assert_sumsq(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 sums accumulated in another (fixed) order than the reference's: within 1e-6 relative."""
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape and actual.device == expected.device
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-12, equal_nan=True)
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    iv = torch.int32 if actual.dtype == torch.float32 else torch.int16
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    assert torch.equal(actual.contiguous().view(iv), expected.contiguous().view(iv)), f"{what}: not bit-exact"

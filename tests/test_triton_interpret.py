@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from helpers import T_MODES, assert_bits_equal, assert_matches, assert_sumsq, random_tensor
 
 from sam_fused import ops, reference
 from sam_fused._registry import OPS
@@ -37,63 +38,19 @@ TRANSPOSED = {5}  # indices of SHAPES built as transposed (non-contiguous) views
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-def _tensor(shape: tuple, dtype: torch.dtype, gen: torch.Generator, lead: int | None = None,
-            transposed: bool = False) -> torch.Tensor:
-    full = ((lead,) if lead else ()) + tuple(shape)
-    if transposed:
-        x = torch.randn(*full[:-2], full[-1], full[-2], generator=gen).transpose(-1, -2)
-    else:
-        x = torch.randn(full, generator=gen)
-    return x.to(dtype)
-
-
 def _lists(dtype: torch.dtype, k: int = 1, seed: int = 0, shapes: list = SHAPES,
            always_lead: bool = False) -> tuple[list, list]:
     """params [*shape] and grads ([k, *shape] when k > 1 or always_lead)."""
     gen = torch.Generator().manual_seed(seed)
     lead = k if (k > 1 or always_lead) else None
-    params = [_tensor(s, dtype, gen, transposed=i in TRANSPOSED and shapes is SHAPES) for i, s in enumerate(shapes)]
-    grads = [_tensor(s, dtype, gen, lead, transposed=i in TRANSPOSED and shapes is SHAPES)
-             for i, s in enumerate(shapes)]
+    transposed = TRANSPOSED if shapes is SHAPES else set()
+    params = [random_tensor(s, dtype, gen, transposed=i in transposed) for i, s in enumerate(shapes)]
+    grads = [random_tensor(s, dtype, gen, lead, transposed=i in transposed) for i, s in enumerate(shapes)]
     return params, grads
 
 
 def _clone(ts: list) -> list:
     return [t.clone() for t in ts]  # clone() keeps the (transposed) strides
-
-
-def _ordered(x: torch.Tensor) -> torch.Tensor:
-    """Integer image of float bits that is monotonic in the value (+0 and -0 both map to 0): ulp distance."""
-    bits = x.view(torch.int32 if x.dtype == torch.float32 else torch.int16).long()
-    sign = torch.tensor(1 << (x.element_size() * 8 - 1), dtype=torch.long)
-    return torch.where(bits >= 0, bits, -(bits + sign))
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """fp32: within 1e-6 relative (tiny atol near zero); bf16/fp16: within 1 ulp of the reference's rounding."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    assert torch.equal(actual.isnan(), expected.isnan()), f"{what}: NaN positions differ"
-    finite = ~expected.isnan()
-    if actual.dtype == torch.float32:
-        torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-6, atol=1e-12, msg=what or None)
-    else:
-        ulps = (_ordered(actual[finite]) - _ordered(expected[finite])).abs()
-        assert ulps.numel() == 0 or ulps.max().item() <= 1, f"{what}: {ulps.max().item()} ulp from the reference"
-
-
-def assert_sumsq(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32 sums accumulated in another (fixed) order than the reference's: within 1e-6 relative."""
-    assert actual.dtype == torch.float32 and actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-12, equal_nan=True)
-
-
-def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    iv = torch.int32 if actual.dtype == torch.float32 else torch.int16
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    assert torch.equal(actual.contiguous().view(iv), expected.contiguous().view(iv)), f"{what}: not bit-exact"
-
-
-T_MODES = {"T=1": (False, 0.0), "T=|w|": (True, 0.0), "T=|w|+0.01": (True, 0.01)}
 
 
 # ------------------------------------------------------------------------------------------------------- op parity
