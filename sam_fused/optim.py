@@ -174,7 +174,7 @@ class SAM(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 g, where = p.grad, f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-                if g is not None and (g.is_sparse or g.layout != torch.strided):
+                if g is not None and g.layout != torch.strided:
                     raise TypeError(f"{where} has a sparse gradient; SAM needs dense gradients")
                 if g is not None and g.is_complex():
                     raise TypeError(f"{where} is complex; sam_fused supports real floating-point parameters only")
@@ -272,6 +272,8 @@ class SAM(torch.optim.Optimizer):
 
         With ``grad_scaler``, the scaler unscales those gradients and skips the step if they are not finite; the
         weights are restored first either way. Call ``grad_scaler.update()`` afterwards as usual.
+        With torch.optim.SGD as the base optimizer the restore and the update run as one pass where that gives
+        torch's bits exactly (see _fused_sgd_plan; ``fused_second_step = False`` turns it off).
         """
         plan = self._fused_sgd_plan() if grad_scaler is None and self.fused_second_step else None
         if plan is not None and self._fused_sgd_step(plan):
