@@ -7,9 +7,11 @@ reason, and ``auto`` falls back to the ``torch`` reference.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,11 +35,32 @@ def _has_kernel(namespace: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::perturb_", key)
 
 
+def build_info() -> dict:
+    """What setup.py built, skipped and why (sam_fused/_build_info.json); {} when the package was not built by it."""
+    try:
+        return json.loads(Path(__file__).with_name("_build_info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _not_loaded(module: str, what: str, error: ImportError) -> BackendStatus:
+    """Why compiled part `module` is absent: the build's own record when it skipped it, else the import error."""
+    info = build_info()
+    entry = info.get("extensions", {}).get(module)
+    if entry is not None and not entry.get("built", True):
+        return BackendStatus(False, f"{what} {module} was not built: {entry['detail']}")
+    detail = f"{what} {module} not built or not loadable ({error})"
+    built_with = info.get("torch")
+    if built_with and built_with != torch.__version__:
+        detail += f"; it was built against torch {built_with}, this is torch {torch.__version__}: reinstall sam_fused"
+    return BackendStatus(False, detail)
+
+
 def _load_cpu() -> BackendStatus:
     try:
         importlib.import_module("sam_fused._C_cpu")
     except ImportError as e:
-        return BackendStatus(False, f"C++ CPU extension sam_fused._C_cpu not built or not loadable ({e})")
+        return _not_loaded("sam_fused._C_cpu", "C++ CPU extension", e)
     if not _has_kernel("sam_fused", "CPU"):
         return BackendStatus(False, "sam_fused._C_cpu loaded but registered no CPU kernels")
     return BackendStatus(True, f"C++ (at::parallel_for x at::vec), {torch.get_num_threads()} threads")
@@ -47,7 +70,7 @@ def _load_cuda() -> BackendStatus:
     try:
         importlib.import_module("sam_fused._C_cuda")
     except ImportError as e:
-        return BackendStatus(False, f"CUDA extension sam_fused._C_cuda not built or not loadable ({e})")
+        return _not_loaded("sam_fused._C_cuda", "CUDA extension", e)
     if not _has_kernel("sam_fused", "CUDA"):
         return BackendStatus(False, "sam_fused._C_cuda loaded but registered no CUDA kernels")
     if not torch.cuda.is_available():
