@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -30,6 +32,8 @@ OPS = ("grad_sumsq", "perturb_", "restore_", "step")
 ACCESSES = {"grad_sumsq": 1, "perturb_": 4, "restore_": 2, "step": 7}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_PROFILES = "resnet50,vit_b16,many_small"
+LEGEND = ("x roofline: time / memory-traffic bound (lower is better; 1.00 = copy speed) | vs loop, vs foreach: speedup "
+          "over the per-parameter-loop port, over torch._foreach_* code | torch: sam_fused's pure-PyTorch backend")
 QUICK_PROFILES = "tiny,many_small"
 
 
@@ -54,30 +58,31 @@ def op_call(impl: baselines.Impl, op: str, tensors: tuple, rho: float, adaptive:
     return lambda: impl.restore(params, backups, saved)
 
 
-class _StderrProgress:
-    """Fallback when tqdm is missing: one rewritten stderr line, only on a terminal."""
+class Progress:
+    """Progress on stderr, so that the table on stdout stays clean: one rewritten line on a terminal, one line per
+    (profile, op) in a log (a CI job or `> file` shows where a run of several minutes is)."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.live = total, 0, sys.stderr.isatty()
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.live, self.text = sys.stderr.isatty(), ""
 
     def set_description(self, text: str) -> None:
+        self.text = text
+        elapsed = time.perf_counter() - self.start
+        line = f"[{self.done}/{self.total} rounds, {elapsed:.0f} s] {text}"
         if self.live:
-            print(f"\r[{self.done}/{self.total}] {text:<40}", end="", file=sys.stderr, flush=True)
+            print(f"\r{line:<60}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def update(self, n: int = 1) -> None:
         self.done += n
+        if self.live:
+            self.set_description(self.text)
 
     def close(self) -> None:
         if self.live:
             print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
-
-
-def progress(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _StderrProgress(total)
-    return tqdm(total=total, file=sys.stderr, disable=None, leave=False)  # disable=None: off when not a TTY
 
 
 def measure_op(op: str, impls: dict[str, baselines.Impl], tensors: tuple, args: argparse.Namespace,
@@ -163,35 +168,61 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prog_name() -> str:
+    """How the user started us: the console script or `python -m`."""
+    return "sam-fused-bench" if os.path.basename(sys.argv[0]) == "sam-fused-bench" else "python -m sam_fused.bench"
+
+
+def parse_device(p: argparse.ArgumentParser, text: str) -> torch.device:
+    """--device, refused with a clear message (exit 2) when this process cannot run it."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        p.error(f"--device {text!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            p.error(f"--device {text}: no CUDA device is visible (torch {torch.__version__} is {build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        p.error(f"--device {text}: the benchmark runs on cpu or cuda")
+    return device
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = ("auto", *baselines.RUNS_ON, *baselines.BASELINES)
-    p = argparse.ArgumentParser(prog="python -m sam_fused.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--profiles", default=None, help=f"comma list of {sorted(profiles.PROFILES)} "
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = argparse.ArgumentParser(prog=prog_name(), description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=default_device,
+                   help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--profiles", default=None, help=f"comma list of {', '.join(sorted(profiles.PROFILES))} "
                    f"(default {DEFAULT_PROFILES}; with --quick {QUICK_PROFILES})")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--backends", default=None, help=f"comma list of {names} (default: every backend usable on the "
-                   "device, plus loop and foreach)")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {OPS}")
-    p.add_argument("--repeat", type=int, default=None, help="timed rounds per op (default 10; --quick 3)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype (default float32)")
+    p.add_argument("--backends", default=None, help=f"comma list of {', '.join(names)} (default: every backend "
+                   "usable on the device, plus loop and foreach); a listed backend that cannot run here is an error")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)} (default all)")
+    p.add_argument("--repeat", type=int, default=None, help="timed rounds per op (default 10; with --quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per op and backend (default 2; --quick 1)")
-    p.add_argument("--rho", type=float, default=0.05)
+    p.add_argument("--rho", type=float, default=0.05, help="SAM radius (default 0.05)")
     p.add_argument("--adaptive", action="store_true", help="ASAM (T = |w|, eta = 0, as in the most used port)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repeats, small profiles, small copy buffer")
     p.add_argument("--json", metavar="PATH", help="also write every row and the machine info as JSON")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device)
+    args.device = parse_device(p, args.device)
     args.profiles = (args.profiles or (QUICK_PROFILES if args.quick else DEFAULT_PROFILES)).split(",")
     args.ops = args.ops.split(",")
     args.backends = args.backends.split(",") if args.backends else None
     args.repeat = args.repeat or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if args.repeat < 1 or args.warmup < 0:
+        p.error("--repeat must be >= 1 and --warmup >= 0")
     for what, given, allowed in (("profile", args.profiles, profiles.PROFILES), ("op", args.ops, OPS),
                                  ("backend", args.backends or [], names)):
         for x in given:
             if x not in allowed:
-                p.error(f"unknown {what} {x!r}; choose from {sorted(allowed)}")
+                p.error(f"unknown {what} {x!r}; choose from {', '.join(sorted(allowed))}")
+    args.parser = p
     return args
 
 
@@ -200,7 +231,10 @@ def select_impls(args: argparse.Namespace) -> tuple[dict[str, baselines.Impl], d
     usable, skipped = baselines.device_backends(args.device)
     if args.backends:
         wanted = args.backends
-        skipped = {b: why for b, why in skipped.items() if b in wanted}
+        refused = [f"backend {b} cannot run on {args.device} here: {why}" for b, why in skipped.items() if b in wanted]
+        if refused:
+            args.parser.error("; ".join(refused))
+        skipped = {}
     else:
         wanted = usable + list(baselines.BASELINES)
     return {b: baselines.make_impl(b) for b in wanted if b not in skipped}, skipped
@@ -225,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict] = []
     failures: list[dict] = []
-    bar = progress(len(args.profiles) * len(args.ops) * args.repeat)
+    bar = Progress(len(args.profiles) * len(args.ops) * args.repeat)
     with torch.no_grad():
         for name in args.profiles:
             rows += bench_profile(name, impls, args, timer, bar, failures)
@@ -238,13 +272,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"copy bandwidth (best dst.copy_(src) of {copy_numel:,} fp32, read + write): {bandwidth / 1e9:.2f} GB/s "
           f"(start {bandwidth_start / 1e9:.2f}, end {bandwidth_end / 1e9:.2f})\n")
+    print(LEGEND)
     print(format_table(rows))
     print("GB/s and x roofline count the op's minimal traffic; x roofline = median time / (bytes / copy bandwidth).\n"
           "loop restore_ swaps storage (p.data = old_p) and copies nothing (n/a); it paid for clones in its perturb_.")
     for f in failures:
         print(f"FAILED {f['backend']} {f['op']} on {f['profile']}: {f['error']}")
     if args.json:
-        settings = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
+        settings = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items() if k != "parser"}
         sizes = {n: {"tensors": len(profiles.shapes(n)), "params": profiles.numel(profiles.shapes(n))}
                  for n in args.profiles}
         report = {"machine": machine, "settings": settings, "skipped": skipped, "failures": failures,

@@ -162,10 +162,12 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
-    parser.add_argument("--ks", nargs="+", type=int, default=[2, 4, 8, 16, 32])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = argparse.ArgumentParser(prog="python -m sam_fused.bench.msam", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "transformer"], choices=["mlp", "transformer"],
+                        help="models to time (default: both)")
+    parser.add_argument("--ks", nargs="+", type=int, default=[2, 4, 8, 16, 32],
+                        help="numbers of micro-batches k (default 2 4 8 16 32)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -54,11 +54,15 @@ def make_calls(named: profiles.NamedShapes) -> dict[str, Callable[[], None]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sam_fused.bench.second_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--profiles", default="resnet50,vit_b16,many_small")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--profiles", default="resnet50,vit_b16,many_small",
+                   help=f"comma list of {', '.join(sorted(profiles.PROFILES))} (default resnet50,vit_b16,many_small)")
+    p.add_argument("--repeat", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per implementation (default 2)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows and the machine info as JSON")
     args = p.parse_args(argv)
+    unknown = [x for x in args.profiles.split(",") if x not in profiles.PROFILES]
+    if unknown:
+        p.error(f"unknown profile(s) {', '.join(unknown)}; choose from {', '.join(sorted(profiles.PROFILES))}")
     device = torch.device("cpu")
     machine = timing.machine_info(device)
     print(f"second step (restore + SGD, fp32): {machine['device_name']}, {machine['threads']} threads, "

@@ -96,6 +96,11 @@ def test_cli_end_to_end(tmp_path) -> None:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "vs loop" in run.stdout and "copy bandwidth" in run.stdout
+    table = run.stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[:3] == ["profile", "op", "backend"])
+    assert table[header - 1].startswith("x roofline: ") and "lower is better" in table[header - 1]  # the legend
+    # Progress goes to stderr as plain lines when stderr is not a terminal (CI logs, `> file`).
+    assert any(line.startswith("[") and "tiny step" in line for line in run.stderr.splitlines()), run.stderr
 
     report = json.loads(out.read_text())
     assert report["machine"]["copy_bandwidth_gbps"] > 0
@@ -128,3 +133,31 @@ def test_second_step_bench_end_to_end(tmp_path) -> None:
                                          "restore_sgd_ (fused)"}
     assert all(r["profile"] == "tiny" and r["median_ms"] > 0 for r in rows)
     assert [r["vs_fused"] for r in rows if r["impl"] == "restore_sgd_ (fused)"] == [1.0]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sam_fused.bench", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cli_refuses_what_cannot_run_here() -> None:
+    for args, message in ((["--device", "cuda"], "no CUDA device is visible"),
+                          (["--backends", "triton", "--device", "cpu"], "backend triton cannot run on cpu here"),
+                          (["--device", "tpu"], "is not a device"),
+                          (["--profiles", "resnet"], "unknown profile 'resnet'")):
+        run = _cli(*args)
+        assert run.returncode == 2, (args, run.stdout, run.stderr)
+        assert message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
+        assert run.stdout == "", args  # no empty table
+
+
+def test_cli_help_reads_like_a_tool() -> None:
+    run = _cli("--help")
+    assert run.returncode == 0
+    assert run.stdout.startswith("usage: python -m sam_fused.bench")
+    assert "(default: None)" not in run.stdout and "(default: False)" not in run.stdout
+    options = [line.split()[0] for line in run.stdout.splitlines() if line.startswith("  --")]
+    assert len(options) >= 10
+    for line in run.stdout.split("options:")[1].split("\n  -")[1:]:  # every option says what it does
+        assert len(line.split()) > 2, line
