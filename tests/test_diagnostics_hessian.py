@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -202,3 +204,16 @@ def test_invalid_arguments() -> None:
         diagnostics.lanczos(lambda v: v, 3, k=4)
     with pytest.raises(ValueError, match="min_samples"):
         diagnostics.hutchinson_trace(lambda v: v, 3, min_samples=1)
+
+
+def test_exact_hessians_raise_no_deprecation_warning() -> None:
+    """torch.func.hessian's forward-mode AD loads TorchScript decompositions, deprecated in torch >= 2.10; the dense
+    Hessians here must not (a fresh process: torch loads them once per process)."""
+    code = ("import torch, warnings\nfrom torch import nn\nfrom sam_fused import diagnostics\n"
+            "warnings.simplefilter('error', DeprecationWarning)\n"
+            "model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()\n"
+            "x, y = torch.randn(5, 3, dtype=torch.double), torch.randn(5, 1, dtype=torch.double)\n"
+            "mse = nn.functional.mse_loss\n"
+            "diagnostics.exact_hessian(model, mse, x, y); diagnostics.per_example_hessians(model, mse, x, y)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -294,6 +294,12 @@ def _check_dense_size(d: int, n: int, max_params: int, max_entries: int) -> None
                          "pass fewer examples or raise max_entries if memory allows")
 
 
+def _dense_hessian(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Reverse-over-reverse: torch.func.hessian's forward-over-reverse loads torch's TorchScript decompositions for
+    forward-mode AD, which warn as deprecated on every first use; the two give the same matrix."""
+    return torch.func.jacrev(torch.func.jacrev(fn))(w).detach()
+
+
 def exact_hessian(model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batch,
                   max_params: int = MAX_HESSIAN_PARAMS) -> torch.Tensor:
     """The dense Hessian [d, d] of loss_fn(model(*inputs), *targets), flattened in named_parameters order.
@@ -303,14 +309,14 @@ def exact_hessian(model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Bat
     objective = Objective(model, loss_fn)
     _check_dense_size(objective.dim, 1, max_params, math.inf)
     w = objective.flat_params()
-    return torch.func.hessian(lambda flat: objective.loss(flat, inputs, targets))(w).detach()
+    return _dense_hessian(lambda flat: objective.loss(flat, inputs, targets), w)
 
 
 def per_example_hessians(model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batch,
                          max_params: int = MAX_HESSIAN_PARAMS, max_entries: int = MAX_HESSIAN_ENTRIES) -> torch.Tensor:
     """H_i, the Hessian of example i's loss (loss_fn on a batch of one), for every example: [n, d, d].
 
-    Exact (torch.func.hessian per example), so for small models only: d <= max_params (default 2048) and
+    Exact (a dense Hessian per example), so for small models only: d <= max_params (default 2048) and
     n * d^2 <= max_entries (default 2^26 numbers, 256 MB in fp32); beyond either a ValueError says which limit
     was hit. With a mean loss, the Hessian of the batch loss is the mean of the H_i. The model must accept a batch
     of one example (BatchNorm in training mode does not: call model.eval()).
@@ -321,5 +327,5 @@ def per_example_hessians(model: nn.Module, loss_fn: LossFn, inputs: Batch, targe
     w = objective.flat_params()
     out = torch.empty(n, objective.dim, objective.dim, dtype=objective.dtype, device=objective.device)
     for i in range(n):
-        out[i] = torch.func.hessian(objective.example_loss_fn(inputs, targets, i))(w).detach()
+        out[i] = _dense_hessian(objective.example_loss_fn(inputs, targets, i), w)
     return out
