@@ -1,8 +1,9 @@
-"""Triton backend of sam_fused (installed as ``sam_fused.kernels``; DESIGN sections 3-4).
+"""Triton backend of sam_fused (installed as ``sam_fused.kernels``; docs/DESIGN.md sections 3-4).
 
 Importing this package registers the Triton kernels as the ``CUDA`` implementations of the ``sam_fused_triton::*``
 ops (and as their ``CPU`` implementations when ``TRITON_INTERPRET=1``, for testing with the Triton interpreter).
-Without the ``triton`` package it raises ImportError, which ``sam_fused.backends()`` reports as "unavailable".
+Without the ``triton`` package it raises ModuleNotFoundError (name ``triton``, so ``pytest.importorskip`` skips), which
+``sam_fused.backends()`` reports as "unavailable".
 
 Files: numerics.py (per-element helpers, tile sizes), tables.py (address tables + cache), checks.py (validation,
 contiguous staging), norm.py (grad_sumsq), perturb.py (perturb_, perturb_batched, restore_), fsam.py
@@ -12,7 +13,8 @@ contiguous staging), norm.py (grad_sumsq), perturb.py (perturb_, perturb_batched
 try:
     import triton  # noqa: F401
 except ImportError as e:
-    raise ImportError(f"the Triton backend needs the 'triton' package (pip install triton): {e}") from e
+    raise ModuleNotFoundError(f"the Triton backend needs the 'triton' package (pip install triton, or the extra "
+                              f"sam_fused[triton]): {e}", name="triton") from e
 
 from . import tables
 from .checks import INTERPRET
