@@ -5,7 +5,7 @@ Drop-in for the most used PyTorch SAM port (same constructor, ``first_step`` / `
 (``sam_fused.ops``), plus what the port lacks: checkpointing of the base optimizer's state, GradScaler support,
 explicit ``restore()``, weights restored when the closure raises, and ``msam_step`` (micro-batch SAM).
 
-Equations (DESIGN section 1), with the global norm taken over every parameter that has a gradient:
+Equations (docs/DESIGN.md section 1), with the global norm taken over every parameter that has a gradient:
     SAM   e = rho * g / (||g|| + 1e-12)
     ASAM  e = rho * T^2 * g / (||T * g|| + 1e-12),  T = |w| + eta        (per group: adaptive=True, eta)
     unnormalized SAM  e = rho * g                                        (per group: normalize=False)
@@ -15,6 +15,7 @@ Equations (DESIGN section 1), with the global norm taken over every parameter th
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,7 +209,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _perturb(self, slots: list[_Slot]) -> torch.Tensor | None:
-        """w <- w + e for every slot, with one global norm; returns the norm (a device tensor, no host sync)."""
+        """w <- w + e for every slot, with one global norm; returns the norm (a 0-dim device tensor, no host sync)."""
         if self._perturbed:
             raise RuntimeError("weights are already perturbed: call second_step() or restore() before first_step()")
         sumsq = self._direction_sumsq(slots)
@@ -220,7 +221,7 @@ class SAM(torch.optim.Optimizer):
             ops.perturb_(s.params, s.grads, backups, sumsq, g["rho"], EPS, g["adaptive"], g["eta"], g["normalize"],
                          backend=self.backend)
             self._perturbed.append((s, backups))
-        return sumsq.sqrt()
+        return sumsq.sqrt().reshape(())  # 0-dim, like torch.nn.utils.clip_grad_norm_
 
     @torch.no_grad()
     def first_step(
@@ -230,7 +231,8 @@ class SAM(torch.optim.Optimizer):
 
         With ``grad_scaler`` the gradients are unscaled in place first, and non-finite gradients (the overflow the
         scaler will skip) leave the weights unperturbed. Returns the global norm of the perturbation direction as a
-        device tensor (inf/nan when the perturbation was skipped; reading it synchronizes, so only read if needed).
+        0-dim fp32 device tensor, like ``torch.nn.utils.clip_grad_norm_`` (inf/nan when the perturbation was skipped;
+        reading it synchronizes, so only read if needed), or None when no parameter has a gradient.
         """
         slots, already_perturbed = self._slots(), self.is_perturbed
         try:
@@ -431,15 +433,53 @@ class SAM(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "base_optimizer" not in state_dict:
-            raise ValueError("not a sam_fused state_dict: it has no 'base_optimizer' entry")
+        """Load a state_dict of this class, or a checkpoint of the common per-parameter-loop SAM port (no
+        'base_optimizer' entry; its per-parameter state holds only 'old_p' weight copies, which are stale and
+        dropped). The port never saved its base optimizer's state, so from such a checkpoint that state starts empty
+        (momentum, Adam moments rebuilt from the next step on), with a warning saying so."""
         self.restore()
         state_dict = dict(state_dict)
-        self.base_optimizer.load_state_dict(state_dict.pop("base_optimizer"))
-        super().load_state_dict(state_dict)
+        base_state = state_dict.pop("base_optimizer", None)
+        if base_state is None:
+            state_dict = self._from_port(state_dict)
+        else:
+            self.base_optimizer.load_state_dict(base_state)
+        # Keys this version has and the checkpoint lacks (e.g. eta / normalize, which the port has not) keep their
+        # current values instead of vanishing from the groups.
+        saved_groups = [dict(g) for g in state_dict["param_groups"]]
+        for saved, current in zip(saved_groups, self.param_groups):
+            for key, value in current.items():
+                saved.setdefault(key, value)
+        super().load_state_dict({**state_dict, "param_groups": saved_groups})
         self.base_optimizer.param_groups = self.param_groups  # load_state_dict made new group dicts: share again
+        if base_state is None:
+            self.base_optimizer.state.clear()
+            warnings.warn(
+                "load_state_dict: this checkpoint has no 'base_optimizer' entry (the format of the per-parameter-loop "
+                "SAM port, which does not save its base optimizer): the param groups (lr, rho, ...) were loaded, but "
+                f"{type(self.base_optimizer).__name__}'s state (momentum, moments) starts empty", UserWarning,
+                stacklevel=2)
         for group in self.param_groups:
             _check_hyper(group)
+
+    _STATE_KEYS: tuple[str, ...] = ()  # per-parameter state of SAM's own (F-SAM: its EMA)
+
+    def _from_port(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of the per-parameter-loop port, as a SAM state_dict without base optimizer state."""
+        if "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups' entries")
+        state = {}
+        for idx, entry in state_dict["state"].items():
+            foreign = sorted(set(entry) - {"old_p", *self._STATE_KEYS})
+            if foreign:
+                raise ValueError(
+                    f"not a sam_fused state_dict nor a SAM port's: the state of parameter {idx} holds {foreign} and "
+                    "there is no 'base_optimizer' entry (a base optimizer's own state_dict? load it with "
+                    "opt.base_optimizer.load_state_dict)")
+            kept = {k: v for k, v in entry.items() if k != "old_p"}  # old_p: the port's stale copy of the weights
+            if kept:
+                state[idx] = kept
+        return {**state_dict, "state": state}
 
 
 class FriendlySAM(SAM):
@@ -448,6 +488,8 @@ class FriendlySAM(SAM):
     First step: m = g, d = g. Later: d = g - sigma * m_prev; m = lmbda * m_prev + (1 - lmbda) * g (the official order).
     sigma=0 is SAM. The EMA lives in ``state[p]["fsam_ema"]`` and is checkpointed.
     """
+
+    _STATE_KEYS = ("fsam_ema",)
 
     def __init__(
         self,

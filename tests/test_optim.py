@@ -1,4 +1,4 @@
-"""SAM / ASAM / unnormalized SAM / F-SAM / mSAM against hand-written formulas (DESIGN sections 1, 2, 5)."""
+"""SAM / ASAM / unnormalized SAM / F-SAM / mSAM against hand-written formulas (docs/DESIGN.md sections 1, 2, 5)."""
 
 from __future__ import annotations
 
@@ -514,3 +514,126 @@ def test_compile_second_step_breaks_only_in_torch_optim(backend: str) -> None:
         mse(m2(x), y).backward()
         second()
     assert_weights_close(m2, weights(m1))
+
+
+class PortSAM(torch.optim.Optimizer):
+    """The common per-parameter-loop SAM port's behaviour, written from its description (plain SAM only): weight copies
+    in state["old_p"], a base optimizer built over the shared param groups, torch.optim's state_dict."""
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, **kwargs) -> None:
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in with_grad]), p=2)
+        for group in self.param_groups:
+            scale = group["rho"] / (norm + 1e-12)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["old_p"] = p.data.clone()
+                    p.add_(p.grad * scale.to(p))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data = self.state[p]["old_p"]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups
+
+
+def _checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+def _resume(ckpt: dict) -> torch.nn.Module:
+    model = make_model(seed=123)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def test_loads_a_checkpoint_of_the_port(backend: str) -> None:
+    """Switching mid-training from the port: its checkpoint (param groups + stale old_p copies, no base optimizer state)
+    loads with a warning; training then goes on exactly as the port resumed from the same checkpoint would."""
+    x, y = make_data()
+    model = make_model()
+    port = PortSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=LR, momentum=MOMENTUM)
+    _train(model, port, x, y, 3)
+    port.param_groups[0]["lr"] = 0.03  # as an LR scheduler would have set it
+    ckpt = _checkpoint(model, port)
+    assert all(set(s) == {"old_p"} for s in ckpt["opt"]["state"].values())
+
+    ours_model = _resume(ckpt)
+    ours = sam_fused.SAM(ours_model.parameters(), torch.optim.SGD, rho=0.5, lr=LR, momentum=MOMENTUM,
+                         backend=backend)
+    _train(ours_model, ours, x, y, 1)  # some state of its own, which the load must replace
+    ours_model.load_state_dict(ckpt["model"])
+    with pytest.warns(UserWarning, match="SGD's state .* starts empty"):
+        ours.load_state_dict(ckpt["opt"])
+    group = ours.param_groups[0]
+    assert group["lr"] == 0.03 and group["rho"] == 0.05 and group["eta"] == 0.0 and group["normalize"] is True
+    assert ours.param_groups is ours.base_optimizer.param_groups
+    assert not ours.base_optimizer.state and not any(ours.state.values())  # old_p dropped, momentum starts anew
+
+    port_model = _resume(ckpt)
+    port2 = PortSAM(port_model.parameters(), torch.optim.SGD, rho=0.05, lr=LR, momentum=MOMENTUM)
+    port2.load_state_dict(ckpt["opt"])
+    _train(ours_model, ours, x, y, 3)
+    _train(port_model, port2, x, y, 3)
+    assert_weights_close(ours_model, weights(port_model))
+
+
+def test_the_port_loads_our_checkpoint(backend: str) -> None:
+    x, y = make_data()
+    model = make_model()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=LR, momentum=MOMENTUM, backend=backend)
+    _train(model, opt, x, y, 2)
+    opt.param_groups[0]["lr"] = 0.03
+    ckpt = _checkpoint(model, opt)
+    port_model = _resume(ckpt)
+    port = PortSAM(port_model.parameters(), torch.optim.SGD, rho=0.05, lr=LR, momentum=MOMENTUM)
+    port.load_state_dict(ckpt["opt"])
+    assert port.param_groups[0]["lr"] == 0.03 and port.base_optimizer.param_groups[0]["lr"] == 0.03
+    _train(port_model, port, x, y, 1)
+
+
+def test_refuses_a_state_dict_it_cannot_place(backend: str) -> None:
+    """A base optimizer's own state_dict (momentum buffers, no 'base_optimizer' entry) is neither format: refused."""
+    x, y = make_data()
+    model = make_model()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, backend=backend)
+    _train(model, opt, x, y, 2)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="momentum_buffer.*base_optimizer.load_state_dict"):
+        opt.load_state_dict(opt.base_optimizer.state_dict())
+    assert opt.base_optimizer.state and torch.equal(  # nothing was lost
+        opt.state_dict()["base_optimizer"]["state"][0]["momentum_buffer"],
+        before["base_optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_first_step_returns_a_0dim_norm(backend: str) -> None:
+    model, (x, y) = make_model(), make_data()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    assert opt.first_step() is None  # no gradient anywhere: nothing to perturb
+    mse(model(x), y).backward()
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+    norm = opt.first_step()
+    assert norm.shape == () and norm.dtype == torch.float32
+    assert f"{norm:.4f}" == f"{expected.item():.4f}"  # formats like clip_grad_norm_'s result
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
+    opt.restore()
