@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# .ci/cuda_check.sh — CI check of the CUDA C++ backend on a machine WITHOUT a GPU (DESIGN sections 4 and 7).
+# .ci/cuda_check.sh — CI check of the CUDA C++ backend on a machine WITHOUT a GPU (docs/DESIGN.md sections 4 and 7).
 #
 # What it proves: the CUDA kernels (csrc/cuda) compile with nvcc for sm_80 and sm_90 (+ PTX), link against a CUDA
 # build of PyTorch, load as sam_fused._C_cuda, and register a CUDA kernel for every op of sam_fused._registry.OPS;

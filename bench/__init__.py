@@ -1,4 +1,4 @@
-"""Benchmarks of the sam_fused op layer (DESIGN section 8), installed as sam_fused.bench.
+"""Benchmarks of the sam_fused op layer (docs/DESIGN.md section 8), installed as sam_fused.bench.
 
 `python -m sam_fused.bench` prints one table (op x backend x profile) against a copy-bandwidth roofline and two
 baselines; `pytest bench/` runs the pytest-benchmark version of the step timing. profiles.py holds the parameter

@@ -4,9 +4,9 @@ Rows are op x backend x profile. Ops: grad_sumsq, perturb_, restore_ and "step" 
 grad_sumsq + perturb_ + restore_), for every sam_fused backend usable on the device, plus two pseudo-backends: "loop"
 (the per-parameter Python loop of the most used SAM port) and "foreach" (torch._foreach_*), see baselines.py.
 
-The work is memory-bound (DESIGN section 8), so each row reports the effective bandwidth over the op's minimal traffic
-and the ratio of its time to the roofline: that traffic at the machine's copy bandwidth (best dst.copy_(src), measured
-at the start and the end of the run). "vs loop" / "vs foreach" divide the baseline's time for the same op (its
+The work is memory-bound (docs/DESIGN.md section 8), so each row reports the effective bandwidth over the op's minimal
+traffic and the ratio of its time to the roofline: that traffic at the machine's copy bandwidth (best dst.copy_(src),
+measured at the start and the end of the run). "vs loop" / "vs foreach" divide the baseline's time for the same op (its
 equivalent part) by the row's time. Backends are timed round-robin, one call each per round, so that load from other
 users of a shared machine hits them alike: compare rows of one run only.
 """

@@ -1,6 +1,6 @@
 """Parameter-shape profiles for the benchmarks, generated in code (no torchvision, no downloads).
 
-DESIGN section 8 fixes the profiles because the fused kernels win for different reasons on each:
+docs/DESIGN.md section 8 fixes the profiles because the fused kernels win for different reasons on each:
 ResNet-50 has many small BatchNorm vectors next to large convs, ViT-B/16 has few large matrices (pure bandwidth), and
 "many_small" (2000 x 2048) is where per-tensor Python and launch overhead dominates. "tiny" is for smoke tests.
 Shapes follow torchvision's parameter order and names, so a row can be traced back to a real layer.

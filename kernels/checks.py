@@ -2,7 +2,7 @@
 #
 # Why: the kernels dereference raw addresses from tables, so a wrong shape, dtype or layout would not raise inside a
 # kernel, it would read or write the wrong memory. Everything is checked here first and reported as a ValueError /
-# TypeError that names the list and the index (DESIGN section 5), with the reference's own checks
+# TypeError that names the list and the index (docs/DESIGN.md section 5), with the reference's own checks
 # (sam_fused/_checks.py) plus the kernels' limits (fp32/bf16/fp16; CUDA, or CPU under the interpreter; one device).
 # sam_fused.ops leaves per-tensor validation to the backends, and the ops can be called directly through
 # torch.ops.sam_fused_triton, so these checks run on every call.

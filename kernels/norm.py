@@ -2,7 +2,7 @@
 #
 # What: grads are [k, *p.shape] (k = micro_batches; plain [*p.shape] when k = 1); T = |w| + eta when params are given
 # (broadcast over the k slices), else 1. Result: fp32 [k] on the tensors' device.
-# How, and why this way: a deterministic two-stage reduction, no float atomics (DESIGN section 5).
+# How, and why this way: a deterministic two-stage reduction, no float atomics (docs/DESIGN.md section 5).
 #   stage 1 (_sumsq_partials): program pid = j * P + u sums its work unit (tensor, CHUNK elements) of slice j in an
 #           fp32 vector accumulator, reduces it with tl.sum and writes partials[pid];
 #   stage 2 (combine_partials): program j adds partials[j * P : (j + 1) * P] in a fixed order.

@@ -1,4 +1,4 @@
-"""sam_fused: fused Sharpness-Aware Minimization for PyTorch (see README.md and DESIGN.md)."""
+"""sam_fused: fused Sharpness-Aware Minimization for PyTorch (see README.md and docs/DESIGN.md)."""
 
 from . import ops
 from ._backends import BackendStatus, backends

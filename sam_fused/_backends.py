@@ -1,4 +1,4 @@
-"""Which backends exist here, and which one runs a (device, dtype) bucket (DESIGN section 4).
+"""Which backends exist here, and which one runs a (device, dtype) bucket (docs/DESIGN.md section 4).
 
 A compiled part that is missing never breaks ``import sam_fused``: its backend is reported unavailable, with the
 reason, and ``auto`` falls back to the ``torch`` reference.

@@ -1,7 +1,7 @@
 """Input validation shared by the Python backends (the torch reference, and the Triton ops which dereference raw
 addresses and so must never see a mismatched list). The compiled C++ ops make the same checks in C++.
 
-Errors are ValueError / TypeError naming the list and the index (DESIGN section 5).
+Errors are ValueError / TypeError naming the list and the index (docs/DESIGN.md section 5).
 """
 
 from __future__ import annotations

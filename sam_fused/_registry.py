@@ -1,4 +1,4 @@
-"""Every op of sam_fused, defined in one place (DESIGN section 3).
+"""Every op of sam_fused, defined in one place (docs/DESIGN.md section 3).
 
 Each schema below is defined in two namespaces:
   * ``sam_fused``        the op users and ``torch.compile`` see. The pure-PyTorch reference is registered for

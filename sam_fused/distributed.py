@@ -1,4 +1,4 @@
-"""SAM under data parallelism: the two meanings, made explicit (DESIGN section 1, "local" vs "global").
+"""SAM under data parallelism: the two meanings, made explicit (docs/DESIGN.md section 1, "local" vs "global").
 
 * Global perturbation (the default with DistributedDataParallel): the first backward all-reduces the gradient, so
   every rank perturbs with the same global gradient. That is plain SAM on the global batch.

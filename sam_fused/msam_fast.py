@@ -1,7 +1,7 @@
 """mSAM at about the cost of SAM, exactly: two full-batch passes instead of 2k micro-batch passes.
 
 mSAM's gradient is G = (1/k) sum_j grad L_{B_j}(w + e_j), e_j = rho T^2 g_j / (||T g_j|| + eps), g_j = grad L_{B_j}(w)
-(DESIGN section 1). The sequential form (sam_fused.msam) runs 2k small passes. Here:
+(docs/DESIGN.md section 1). The sequential form (sam_fused.msam) runs 2k small passes. Here:
 
 First pass, at w: one full-batch forward, the loss of every micro-batch from its slice of the output, one backward of
 S = sum_j L_{B_j}. Examples do not interact (see below), so the gradient of S at the rows of micro-batch j is the

@@ -1,4 +1,4 @@
-"""Public op layer (DESIGN section 3): group into (device, dtype) buckets, run each bucket on a backend.
+"""Public op layer (docs/DESIGN.md section 3): group into (device, dtype) buckets, run each bucket on a backend.
 
 One bucket is one call of the chosen backend's op, i.e. one fused launch. Data-dependent scalars (sums of squares)
 stay on the device; nothing here synchronizes with the host.

@@ -1,4 +1,4 @@
-"""The `torch` backend: pure-PyTorch reference of every op (DESIGN section 3).
+"""The `torch` backend: pure-PyTorch reference of every op (docs/DESIGN.md section 3).
 
 Every fused backend is validated against these functions. They favour clarity over speed, but use
 ``torch._foreach_*`` where the math is elementwise so that they are a reasonable fallback. All arithmetic is in

@@ -1,4 +1,4 @@
-"""First-use self-check of a backend against the torch reference (DESIGN section 4).
+"""First-use self-check of a backend against the torch reference (docs/DESIGN.md section 4).
 
 No GPU is available to this project's CI, so a GPU backend picked by ``auto`` proves itself on each device it meets:
 every op runs on a small random tensor list and must match the reference (restore bit-exact). A mismatch names the

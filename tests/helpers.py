@@ -35,7 +35,8 @@ def loss_grad(model: torch.nn.Module, w: dict[str, torch.Tensor], x: torch.Tenso
 
 def perturbation(w: dict, g: dict, rho: float, adaptive: dict | bool = False, eta: float = 0.0,
                  normalize: bool = True) -> dict:
-    """e = rho * T^2 * g / (||T g|| + 1e-12), T = |w| + eta where adaptive (per name), else 1 (DESIGN section 1)."""
+    """e = rho * T^2 * g / (||T g|| + 1e-12), T = |w| + eta where adaptive (per name), else 1
+    (docs/DESIGN.md section 1)."""
     ad = adaptive if isinstance(adaptive, dict) else {k: adaptive for k in w}
     t = {k: (w[k].abs() + eta) if ad[k] else torch.ones_like(w[k]) for k in w}
     norm = torch.sqrt(sum(((t[k] * g[k]) ** 2).sum() for k in w))

@@ -1,4 +1,4 @@
-"""The fused C++ CPU backend (csrc/cpu) against the torch reference (DESIGN sections 3-5, 7).
+"""The fused C++ CPU backend (csrc/cpu) against the torch reference (docs/DESIGN.md sections 3-5, 7).
 
 Every op runs with backend="cpu" and backend="torch" on copies of the same random tensor lists (empty tensors, size 1,
 odd sizes, 4-D, > 65,536 elements, non-contiguous views) in fp32/bf16/fp16. fp32 must agree within 1e-6 relative,

@@ -1,4 +1,4 @@
-"""GPU tests of the CUDA C++ backend (csrc/cuda), marked `gpu` (DESIGN sections 4, 5 and 7).
+"""GPU tests of the CUDA C++ backend (csrc/cuda), marked `gpu` (docs/DESIGN.md sections 4, 5 and 7).
 
 They need a CUDA device and the compiled sam_fused._C_cuda; anywhere else they are skipped (CI has no GPU: there,
 .ci/cuda_check.sh proves the kernels compile, link, load and register, and tests/test_cuda_planner.py checks the

@@ -1,4 +1,4 @@
-"""The host side of the CUDA backend, tested on the CPU (DESIGN section 7): the launch planner, and the kernels'
+"""The host side of the CUDA backend, tested on the CPU (docs/DESIGN.md section 7): the launch planner, and the kernels'
 own source run under a CPU emulation of the few CUDA features they use.
 
 1. The planner (csrc/cuda/mta_planner.h) is plain host C++ shared by the CUDA extension and, for these tests, by the
@@ -281,7 +281,7 @@ def _emu_lists(dtype: torch.dtype, k: int = 1, seed: int = 0, shapes: list | Non
 
 
 def _close(actual: list, expected: list) -> None:
-    """fp32 within 1e-6 relative, bf16/fp16 within one unit of their rounding (DESIGN section 4)."""
+    """fp32 within 1e-6 relative, bf16/fp16 within one unit of their rounding (docs/DESIGN.md section 4)."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert a.shape == e.shape and a.dtype == e.dtype, f"tensor {i}"
         rtol = 1e-6 if a.dtype == torch.float32 else torch.finfo(a.dtype).eps

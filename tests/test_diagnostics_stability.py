@@ -1,4 +1,5 @@
-"""SGD linear stability (Dexter et al., ICLR 2024; DESIGN section 9) on constructed per-example Hessian families.
+"""SGD linear stability (Dexter et al., ICLR 2024; docs/DESIGN.md section 9) on constructed per-example Hessian
+families.
 
 Expected values come from closed forms derived here or from brute force (explicit Kronecker products, the exact
 expectation over all Bernoulli batches), never from the code under test.

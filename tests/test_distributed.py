@@ -1,4 +1,4 @@
-"""Data-parallel SAM with real processes: torch.distributed, gloo, 2 ranks on this machine (DESIGN section 7.5).
+"""Data-parallel SAM with real processes: torch.distributed, gloo, 2 ranks on this machine (docs/DESIGN.md section 7.5).
 
 Equivalences checked (weights after every step):
   global perturbation (DDP default)          == single-process SAM on the concatenated batch

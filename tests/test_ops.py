@@ -1,4 +1,4 @@
-"""The op layer: the torch reference against DESIGN section 3's formulas, dispatch, validation, opcheck."""
+"""The op layer: the torch reference against docs/DESIGN.md section 3's formulas, dispatch, validation, opcheck."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Parity with the torch reference run on the same CUDA tensors, for every op and dtype; bit-exact backups and restore;
 no host synchronization (a whole perturb/restore step captured in a CUDA graph and replayed, and
 torch.cuda.set_sync_debug_mode("error") around a steady-state step); the address-table cache on CUDA; opcheck on
-CUDA; the first-use self-check of the dispatcher. Tolerances as in DESIGN section 4: fp32 within 1e-6 relative,
+CUDA; the first-use self-check of the dispatcher. Tolerances as in docs/DESIGN.md section 4: fp32 within 1e-6 relative,
 bf16/fp16 within 1 ulp of the reference's rounding. tests/test_triton_interpret.py covers the same semantics on CPU.
 """
 

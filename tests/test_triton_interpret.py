@@ -1,12 +1,12 @@
 """The Triton kernels (kernels/, torch.ops.sam_fused_triton) executed by the Triton interpreter on CPU tensors and
-compared with the torch reference (DESIGN sections 3-5 and 7.2).
+compared with the torch reference (docs/DESIGN.md sections 3-5 and 7.2).
 
 tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA device. This checks the kernels' semantics: indexing
 through the address tables, masking, micro-batch slices, order of operations and rounding, determinism, validation.
 GPU compilation is checked without a GPU by compiling every kernel specialization to a cubin for sm_80 in a
 subprocess (kernels/aot.py); running them on a GPU, and their speed, are left to tests/test_triton_gpu.py.
-Tolerances (DESIGN section 4): fp32 within 1e-6 relative; bf16/fp16 within 1 ulp of the reference's own rounding;
-backups and restore bit-exact. The interpreter is slow: shapes are small, with one tensor > 65,536 elements.
+Tolerances (docs/DESIGN.md section 4): fp32 within 1e-6 relative; bf16/fp16 within 1 ulp of the reference's own
+rounding; backups and restore bit-exact. The interpreter is slow: shapes are small, with one tensor > 65,536 elements.
 """
 
 from __future__ import annotations

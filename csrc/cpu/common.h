@@ -6,7 +6,7 @@
 //     depend only on the tensor sizes (never on the thread count), which makes per-chunk partial sums combined in
 //     chunk order bit-identical for any number of threads.
 //   * Pack<T>: load/store of 2 * Vectorized<float>::size() elements of storage type T (fp32, bf16, fp16) as two fp32
-//     vectors, so the math runs in fp32 whatever the storage dtype (DESIGN section 5).
+//     vectors, so the math runs in fp32 whatever the storage dtype (docs/DESIGN.md section 5).
 //   * Input checks and dense-layout helpers (defined in checks.cpp).
 #pragma once
 
@@ -217,7 +217,7 @@ class ChunkPlan {
 
 // Per-chunk partial sums for k micro-batch slices, combined in chunk order (so independent of the thread that
 // produced each one). Partials and the combination are kept in double: the vector accumulation inside a chunk is
-// fp32 (DESIGN section 5), the few hundred partials are combined more precisely for free.
+// fp32 (docs/DESIGN.md section 5), the few hundred partials are combined more precisely for free.
 class Partials {
  public:
   Partials(int64_t chunks, int64_t k) : k_(k), v_(static_cast<size_t>(chunks * k), 0.0) {}

@@ -1,4 +1,4 @@
-// ops.h — the CPU kernels of sam_fused's ops (DESIGN section 3), registered in register.cpp.
+// ops.h — the CPU kernels of sam_fused's ops (docs/DESIGN.md section 3), registered in register.cpp.
 #pragma once
 
 #include "shared/op_signatures.h"

@@ -1,4 +1,4 @@
-// fsam.cu — fsam_direction_ (Friendly-SAM, DESIGN sections 1 and 3), in place and fused with its norm:
+// fsam.cu — fsam_direction_ (Friendly-SAM, docs/DESIGN.md sections 1 and 3), in place and fused with its norm:
 //   first step:  ema <- g, d = g
 //   later steps: d = g - sigma * ema_prev;  ema <- lmbda * ema_prev + (1 - lmbda) * g
 //   grads <- d, and the op returns sum of (T * d)^2 over all tensors (T = |w| + eta with params, else 1).

@@ -1,4 +1,4 @@
-// ops.cpp — host side of the CUDA ops (DESIGN section 3): validate the lists, stage non-dense layouts, allocate
+// ops.cpp — host side of the CUDA ops (docs/DESIGN.md section 3): validate the lists, stage non-dense layouts, allocate
 // outputs and reduction buffers, plan the launches (mta_planner.h) and enqueue the kernels (launch.h) on the current
 // CUDA stream of the tensors' device. Nothing here waits for the GPU or reads device memory: data-dependent scalars
 // (sumsq) are read by the kernels, so the ops can be captured in a CUDA graph.

@@ -1,4 +1,4 @@
-// perturb.cu — the weight-moving ops of SAM (DESIGN section 3): perturb_, perturb_batched and restore_.
+// perturb.cu — the weight-moving ops of SAM (docs/DESIGN.md section 3): perturb_, perturb_batched and restore_.
 //
 // perturb_ is the hot one: in ONE pass over memory it saves the weight to its backup and moves it,
 //   backup <- w;  w <- w + scale * (T^2 * g),  scale = rho / (sqrt(sumsq) + eps)  (rho when unnormalized),

@@ -1,4 +1,4 @@
-"""Sharpness diagnostics for any nn.Module + loss + data (DESIGN section 9).
+"""Sharpness diagnostics for any nn.Module + loss + data (docs/DESIGN.md section 9).
 
 * hessian: largest Hessian eigenvalues (Lanczos, power iteration) and the Hessian trace (Hutchinson) from
   Hessian-vector products, each with its convergence/error information; exact dense and per-example Hessians for

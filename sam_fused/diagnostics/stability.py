@@ -1,4 +1,5 @@
-"""Linear stability of SGD at a (near-)minimum, from per-example Hessians (Dexter et al., ICLR 2024; DESIGN section 9).
+"""Linear stability of SGD at a (near-)minimum, from per-example Hessians (Dexter et al., ICLR 2024;
+docs/DESIGN.md section 9).
 
 Near a minimum w*, SGD on the mean loss of n examples with learning rate eta and expected batch size B (each example
 drawn independently with probability B/n) is linearized as x_{t+1} = J_t x_t, x = w - w*,
