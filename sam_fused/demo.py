@@ -1,7 +1,7 @@
 """Demo: SGD vs SAM, ASAM, mSAM and F-SAM on noisy-label digits, with sharpness diagnostics.
 
     python -m sam_fused.demo            # default budget: a few minutes on 2 CPU cores
-    python -m sam_fused.demo --quick    # tiny budget, 1 seed (what CI runs)
+    python -m sam_fused.demo --quick    # smoke test: tiny budget, 1 seed (what CI runs); compares nothing
 
 A small CNN learns scikit-learn's bundled 8x8 digits (1797 images, no download) after a fraction of the training
 labels (default 20%) has been replaced by a different class drawn uniformly (symmetric label noise). Memorizing the
@@ -249,13 +249,20 @@ def plot(results: dict[str, list[RunResult]], cfg: Config, path: Path) -> None:
     plt.close(fig)
 
 
+QUICK_CAVEAT = (
+    "SMOKE TEST (--quick: {epochs} epochs, {seeds} seed): this checks that every method, the diagnostics and the plot "
+    "run; it is far too short to compare them (SAM-family methods trail SGD early in training). For the comparison "
+    "run `python -m sam_fused.demo` ({full_epochs} epochs x {full_seeds} seeds; README.md shows a measured table).")
+
+
 # -- command line ----------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     defaults = Config()
     p = argparse.ArgumentParser(prog="python -m sam_fused.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny budget, 1 seed (CI): 3 epochs, small diagnostics")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test (CI): 3 epochs, 1 seed, small diagnostics; too short to compare methods")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {defaults.epochs})")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds per method (default {defaults.seeds})")
     p.add_argument("--noise", type=float, default=defaults.noise, help="fraction of training labels flipped")
@@ -306,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.epochs} epochs x {n_train // cfg.batch_size} steps of batch {cfg.batch_size}, lr {cfg.lr} cosine, "
           f"rho {cfg.rho} (ASAM {cfg.asam_rho}), mSAM k={cfg.micro_batches}; diagnostics on {cfg.diag_examples} "
           f"training examples (m-sharpness: micro-batch size {cfg.diag_micro_batch_size}, rho {cfg.diag_rho})")
+    if args.quick:
+        full = Config()
+        print(QUICK_CAVEAT.format(epochs=cfg.epochs, seeds=cfg.seeds, full_epochs=full.epochs, full_seeds=full.seeds))
     print(text)
     plot(results, cfg, args.plot)
     print(f"plot: {args.plot}")
