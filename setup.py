@@ -124,6 +124,9 @@ def cpu_extension(torch):
 # ---- CUDA extension: the toolkit -------------------------------------------------------------------------------
 
 
+TOOLKIT_GUESSES = ("/usr/local/cuda", "/usr/local/cuda-*", "/opt/cuda")  # after $CUDA_HOME, $CUDA_PATH and PATH
+
+
 def find_cuda_home() -> tuple[str | None, str]:
     """(a CUDA toolkit folder that has the runtime headers, or None; what was looked at).
 
@@ -134,13 +137,13 @@ def find_cuda_home() -> tuple[str | None, str]:
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     dirs = [os.path.join(h, "bin") for h in homes if h] + os.environ.get("PATH", "").split(os.pathsep)
     nvccs = [os.path.join(d, "nvcc") for d in dirs if d]
-    nvccs += ["/usr/local/cuda/bin/nvcc", *sorted(glob.glob("/usr/local/cuda-*/bin/nvcc")), "/opt/cuda/bin/nvcc"]
+    nvccs += [nvcc for pattern in TOOLKIT_GUESSES for nvcc in sorted(glob.glob(os.path.join(pattern, "bin", "nvcc")))]
     tried = []
     with tempfile.TemporaryDirectory() as tmp:
         probe = os.path.join(tmp, "probe.cu")
         open(probe, "w").close()
         for nvcc in dict.fromkeys(nvccs):  # ordered, without repeats
-            if not os.access(nvcc, os.X_OK):
+            if not (os.path.isfile(nvcc) and os.access(nvcc, os.X_OK)):
                 continue
             try:
                 out = subprocess.run([nvcc, "-dryrun", "-c", probe, "-o", os.path.join(tmp, "probe.o")],
@@ -153,7 +156,7 @@ def find_cuda_home() -> tuple[str | None, str]:
             if os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
                 return home, ""
             tried.append(f"{nvcc} -> {home}")
-    where = "; ".join(tried) if tried else "no nvcc in $CUDA_HOME, $CUDA_PATH, PATH, /usr/local/cuda*, /opt/cuda"
+    where = "; ".join(tried) if tried else f"no nvcc in $CUDA_HOME, $CUDA_PATH, PATH, {', '.join(TOOLKIT_GUESSES)}"
     return None, f"no CUDA toolkit with its headers (include/cuda_runtime_api.h) was found ({where})"
 
 

@@ -16,6 +16,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/.ci/lib.sh"
 VENV="${SAM_FUSED_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sam_fused-cuda-venv}"
 TORCH_SPEC="${SAM_FUSED_CUDA_TORCH:-torch==2.14.1}"
 PYTHON="${PYTHON:-python3}"
@@ -82,13 +83,9 @@ say "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__, "CUDA
 
 # --- 3. Build from a temporary copy of the clone ----------------------------------------------------------------------
 SRC="$WORK/src"
-mkdir -p "$SRC"
-# Tracked files plus untracked, non-ignored ones (a developer's uncommitted work); never build outputs or venvs.
-git -C "$ROOT" ls-files -z --cached --others --exclude-standard |
-  (cd "$ROOT" && xargs -0 -r sh -c 'for f; do if [ -f "$f" ]; then printf "%s\0" "$f"; fi; done' sh) |
-  tar -C "$ROOT" --null -T - -cf - | tar -C "$SRC" -xf -
+copy_clone "$ROOT" "$SRC"
 say "building sam_fused (setup.py build_ext) from a copy of $ROOT, MAX_JOBS=${MAX_JOBS:-2}"
-if ! (cd "$SRC" && MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py build_ext --inplace) >"$WORK/build.log" 2>&1; then
+if ! (cd "$SRC" && MAX_JOBS="${MAX_JOBS:-2}" SAM_FUSED_REQUIRE_EXTENSIONS=1 "$VENV/bin/python" setup.py build_ext --inplace) >"$WORK/build.log" 2>&1; then
   say "FAILED: the build failed; its errors:"
   grep -E "error:|FAILED:|RuntimeError" "$WORK/build.log" | head -n 40 || true
   echo "--- last lines of the build log ---"
