@@ -252,7 +252,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "demo": DEMO_DEPS,
-        "bench": ["tqdm", "pytest-benchmark"],
+        "bench": ["pytest-benchmark"],
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", *DEMO_DEPS],  # the suite runs the demo; Triton tests skip without it
     },

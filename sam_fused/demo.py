@@ -16,6 +16,7 @@ relative to SGD. A PNG plot shows test accuracy per epoch.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 import time
@@ -26,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import sam_fused
 from sam_fused import diagnostics
@@ -295,8 +295,31 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     return cfg, args
 
 
+DEMO_DEPS = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}  # module: package
+
+
+def missing_deps() -> list[str]:
+    """The packages of the [demo] extra that are not installed."""
+    missing = []
+    for module, package in DEMO_DEPS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ValueError:  # a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_args(argv)
+    missing = missing_deps()
+    if missing:
+        print(f"python -m sam_fused.demo: error: the demo needs {', '.join(missing)}: "
+              "pip install 'sam_fused[demo]' (or pip install " + " ".join(missing) + ")", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
     torch.set_num_threads(args.threads)
     results: dict[str, list[RunResult]] = {m: [] for m in cfg.methods}
     datasets = [load_digits(seed, cfg.noise) for seed in range(cfg.seeds)]

@@ -44,3 +44,12 @@ def test_symmetric_label_noise_flips_the_requested_fraction() -> None:
     assert noisy.min() >= 0 and noisy.max() <= 9
     assert torch.equal(flip_labels(labels, 0.2, seed=0), noisy)  # seeded
     assert torch.equal(flip_labels(labels, 0.0, seed=0), labels)
+
+
+def test_demo_without_its_extra_says_what_to_install() -> None:
+    code = ("import sys\nsys.modules['sklearn'] = sys.modules['tqdm'] = None  # as if not installed\n"
+            "import sam_fused.demo\nsys.exit(sam_fused.demo.main(['--quick']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the demo needs tqdm, scikit-learn: pip install 'sam_fused[demo]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
