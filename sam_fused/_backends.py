@@ -52,7 +52,8 @@ def _not_loaded(module: str, what: str, error: ImportError) -> BackendStatus:
     detail = f"{what} {module} not built or not loadable ({error})"
     built_with = info.get("torch")
     if built_with and built_with != torch.__version__:
-        detail += f"; it was built against torch {built_with}, this is torch {torch.__version__}: reinstall sam_fused"
+        detail += (f"; it was built against torch {built_with}, this is torch {torch.__version__}: reinstall sam_fused "
+                   "with `pip install --no-build-isolation` to build it against this torch")
     return BackendStatus(False, detail)
 
 

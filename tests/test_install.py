@@ -51,7 +51,8 @@ def test_a_part_built_against_another_torch_says_so(monkeypatch: pytest.MonkeyPa
         "torch": "1.0.0", "extensions": {"sam_fused._C_cpu": {"built": True, "detail": "vector ISA avx2"}}})
     status = _backends._not_loaded("sam_fused._C_cpu", "C++ CPU extension", ImportError("undefined symbol: _ZN3c10"))
     assert "undefined symbol" in status.detail
-    assert f"built against torch 1.0.0, this is torch {torch.__version__}: reinstall sam_fused" in status.detail
+    assert (f"built against torch 1.0.0, this is torch {torch.__version__}: reinstall sam_fused with `pip install "
+            "--no-build-isolation`") in status.detail
 
 
 def test_this_build_recorded_what_it_built() -> None:
