@@ -86,7 +86,7 @@ if [ "${SAM_FUSED_REBUILD:-0}" != "0" ] || ! imports_from_root || [ "$(cat "$STA
   imports_from_root || { say "FAILED: after the install sam_fused does not import from $ROOT: $INFO"; exit 1; }
   echo "$STAMP" >"$STAMP_FILE"
 fi
-grep -v '^sam_fused: ' <<<"$INFO" >&2
+sed -e '/^sam_fused: /d' -e 's/^torch: \([^ ]*\) \(.*\)$/torch \1 (CUDA: \2)/' <<<"$INFO" >&2
 if ! grep -q '^  cpu *available' <<<"$INFO"; then
   say "FAILED: the C++ CPU kernels were built but do not load (see the cpu line above)"
   exit 1
