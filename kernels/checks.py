@@ -38,12 +38,13 @@ def check_lists(
     primary: Sequence[torch.Tensor],
     others: dict[str, Sequence[torch.Tensor] | None],
     lead: dict[str, int] | None = None,
+    written: tuple[str, ...] = (),
 ) -> torch.device | None:
     """The checks of the torch reference (sam_fused/_checks.py: lengths, dense real floating tensors, per-index
     device, dtype and shape, with the extra leading dim lead[name] for the lists named in `lead`), plus what the
     kernels need: a supported dtype, a device they run on, one device for the whole call.
     Returns that device (None for empty lists)."""
-    _shared.check_lists(primary_name, primary, others, lead)
+    _shared.check_lists(primary_name, primary, others, lead, written)
     return _check_primary(primary_name, primary)
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sam_fused import _checks as _shared
+
 from .checks import Staged, by_dtype, check_lists
 from .norm import reduce_partials
 from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, STORAGE, bits_to_f32, f32_to_bits, tensor_ptr, unit_of
@@ -60,7 +62,7 @@ def fsam_direction_(
     eta: float = 0.0,
 ) -> torch.Tensor:
     """F-SAM direction in place (grads <- d, ema updated); returns fp32 [1] sum of (T * d)^2 of the stored d."""
-    device = check_lists("grads", grads, {"ema": ema, "params": params})
+    device = check_lists("grads", grads, {"ema": ema, "params": params}, written=_shared.FSAM_WRITES)
     if device is None:
         return torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else torch.device("cpu"))
     total = None

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sam_fused import _checks as _shared
+
 from .checks import Staged, by_dtype, check_lists, check_sumsq
 from .numerics import (
     BLOCK,
@@ -104,7 +106,7 @@ def perturb_(
     normalize: bool = True,
 ) -> None:
     """backup <- w; w <- w + rho * T^2 * g / (sqrt(sumsq[0]) + eps), in one pass; no-op on w if sumsq is not finite."""
-    device = check_lists("params", params, {"grads": grads, "backups": backups})
+    device = check_lists("params", params, {"grads": grads, "backups": backups}, written=_shared.PERTURB_WRITES)
     if device is None:
         return
     s = check_sumsq(sumsq, device, None, "perturb_")
@@ -173,7 +175,7 @@ def copy_bits_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], idx: li
 
 def restore_(params: list[torch.Tensor], backups: list[torch.Tensor]) -> None:
     """w <- backup, bit-exact."""
-    device = check_lists("params", params, {"backups": backups})
+    device = check_lists("params", params, {"backups": backups}, written=_shared.RESTORE_WRITES)
     if device is None:
         return
     for dtype, idx in by_dtype(params).items():

@@ -35,6 +35,8 @@ def split_micro_batches(inputs: Batch, targets: Batch, k: int) -> list[tuple[tup
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"inputs and targets must share one batch size along dim 0, got {sorted(map(str, sizes))}")
     n = sizes.pop()
+    if n == 0:
+        raise ValueError("the batch is empty (dim 0 of inputs and targets has size 0)")
     if n % k:
         raise ValueError(f"micro_batches={k} does not divide the batch size {n}")
     parts_x = [t.chunk(k) for t in xs]

@@ -54,8 +54,8 @@ def _check_k(micro_batches: int) -> None:
 
 
 def _check_rho(rho: float) -> None:
-    if not rho >= 0.0:
-        raise ValueError(f"rho must be >= 0, got {rho}")
+    if not 0.0 <= rho <= torch.finfo(torch.float32).max:  # the kernels scale in fp32: inf would write inf weights
+        raise ValueError(f"rho must be a finite number >= 0 within the fp32 range, got {rho}")
 
 
 def grad_sumsq(
@@ -91,10 +91,19 @@ def perturb_(
     """backup <- w; w <- w + rho * T^2 * g / (sqrt(sumsq) + eps) (no division if not normalize); no-op if sumsq is
     not finite."""
     _check_rho(rho)
-    for (device, dtype), idx in _buckets("params", params, {"grads": grads, "backups": backups}).items():
-        op = op_table(choose(backend, device, dtype)).perturb_
-        op(_pick(params, idx), _pick(grads, idx), _pick(backups, idx), sumsq.to(device, non_blocking=True),
-           rho, eps, adaptive, eta, normalize)
+    done: list[tuple[str, list[int] | None]] = []  # (backend, indices) of the buckets perturbed so far
+    try:
+        for (device, dtype), idx in _buckets("params", params, {"grads": grads, "backups": backups}).items():
+            name = choose(backend, device, dtype)
+            op_table(name).perturb_(_pick(params, idx), _pick(grads, idx), _pick(backups, idx),
+                                    sumsq.to(device, non_blocking=True), rho, eps, adaptive, eta, normalize)
+            done.append((name, idx))
+    except Exception:
+        # Every backend validates a bucket before writing it, so only the buckets before the failing one were
+        # written: put their weights back, and the call leaves nothing perturbed.
+        for name, idx in done:
+            op_table(name).restore_(_pick(params, idx), _pick(backups, idx))
+        raise
 
 
 def perturb_batched(

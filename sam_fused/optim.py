@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,17 +73,56 @@ def make_slots(group: dict[str, Any], params: list[torch.Tensor], grads: list[to
     return list(by_group.values())
 
 
+def _check_distinct(groups: list[dict[str, Any]]) -> None:
+    """Refuse parameters that SAM would perturb (and back up) twice: one listed twice (torch only warns), or two
+    overlapping views of one buffer. Restoring either from its backup would undo part of the other's update."""
+    seen: dict[int, tuple[int, int]] = {}
+    spans: dict[int, list[tuple[int, int, str]]] = defaultdict(list)  # storage -> (start, end, name) in bytes
+    for gi, group in enumerate(groups):
+        for pi, p in enumerate(group["params"]):
+            name = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+            if id(p) in seen:
+                raise ValueError(f"{name} is listed twice (first at param_groups[{seen[id(p)][0]}]['params']"
+                                 f"[{seen[id(p)][1]}]); SAM would perturb it twice: pass each parameter once")
+            seen[id(p)] = (gi, pi)
+            if isinstance(p, DTensor) or p.numel() == 0 or p.device.type == "meta":
+                continue
+            extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
+            start = p.storage_offset() * p.element_size()
+            spans[p.untyped_storage().data_ptr()].append((start, start + extent * p.element_size(), name))
+    for views in spans.values():
+        views.sort()
+        for (_, end, first), (start, _, second) in zip(views, views[1:]):
+            if start < end:
+                raise ValueError(f"{second} overlaps the memory of {first}; SAM backs up and restores each "
+                                 "parameter on its own, so parameters must not share elements")
+
+
 def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return part if total is None else total + part.to(total.device, non_blocking=True)
 
 
-def _check_hyper(group: dict[str, Any]) -> None:
-    if not group["rho"] >= 0.0:
-        raise ValueError(f"rho must be >= 0, got {group['rho']}")
-    if not group["eta"] >= 0.0:
-        raise ValueError(f"eta must be >= 0, got {group['eta']}")
-    if "lmbda" in group and not 0.0 <= group["lmbda"] <= 1.0:
-        raise ValueError(f"lmbda must be in [0, 1], got {group['lmbda']}")
+FP32_MAX = torch.finfo(torch.float32).max  # the kernels take rho, eta, sigma as fp32 scalars
+
+
+def _check_hyper(group: dict[str, Any], where: str = "param group") -> None:
+    """A ValueError naming the first bad SAM hyperparameter of `group` (what the kernels could not use exactly)."""
+
+    def bad(key: str, rule: str) -> ValueError:
+        return ValueError(f"{where}: {key} must be {rule}, got {group[key]!r}")
+
+    for key in ("rho", "eta"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= FP32_MAX:
+            raise bad(key, f"a finite number >= 0 (at most {FP32_MAX:.4g}, the fp32 range)")
+    if "sigma" in group:
+        value = group["sigma"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -FP32_MAX <= value <= FP32_MAX:
+            raise bad("sigma", "a finite number")
+    if "lmbda" in group:
+        value = group["lmbda"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise bad("lmbda", "a number in [0, 1]")
 
 
 class SAM(torch.optim.Optimizer):
@@ -147,8 +187,20 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, refused (and nothing added) when a SAM hyperparameter is invalid or a parameter
+        would be updated twice (listed twice, or overlapping the memory of another parameter)."""
         super().add_param_group(param_group)
-        _check_hyper(self.param_groups[-1])
+        try:
+            _check_hyper(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+            _check_distinct(self.param_groups)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_groups(self) -> None:
+        """Every group's hyperparameters, each step: they may have been edited through param_groups."""
+        for i, group in enumerate(self.param_groups):
+            _check_hyper(group, f"param_groups[{i}]")
 
     # -- perturbation ---------------------------------------------------------------------------------------------
 
@@ -234,6 +286,7 @@ class SAM(torch.optim.Optimizer):
         0-dim fp32 device tensor, like ``torch.nn.utils.clip_grad_norm_`` (inf/nan when the perturbation was skipped;
         reading it synchronizes, so only read if needed), or None when no parameter has a gradient.
         """
+        self._check_groups()
         slots, already_perturbed = self._slots(), self.is_perturbed
         try:
             if grad_scaler is not None and grad_scaler.is_enabled():
@@ -397,6 +450,10 @@ class SAM(torch.optim.Optimizer):
 
         if method not in ("auto", "fast", "sequential"):
             raise ValueError(f"method must be 'auto', 'fast' or 'sequential', got {method!r}")
+        if self._perturbed:
+            raise RuntimeError("weights are perturbed by first_step(): call second_step() or restore() before "
+                               "msam_step()")
+        self._check_groups()
         reason = "method='sequential'"
         if method == "fast" or (method == "auto" and micro_batches != 1):
             supported, reason = fast_path_support(model)
@@ -437,19 +494,22 @@ class SAM(torch.optim.Optimizer):
         'base_optimizer' entry; its per-parameter state holds only 'old_p' weight copies, which are stale and
         dropped). The port never saved its base optimizer's state, so from such a checkpoint that state starts empty
         (momentum, Adam moments rebuilt from the next step on), with a warning saying so."""
-        self.restore()
         state_dict = dict(state_dict)
         base_state = state_dict.pop("base_optimizer", None)
         if base_state is None:
             state_dict = self._from_port(state_dict)
-        else:
-            self.base_optimizer.load_state_dict(base_state)
-        # Keys this version has and the checkpoint lacks (e.g. eta / normalize, which the port has not) keep their
-        # current values instead of vanishing from the groups.
+        # Keys this class has and the checkpoint lacks (eta / normalize from the port, sigma / lmbda from a SAM
+        # checkpoint loaded into FriendlySAM) keep their current values instead of vanishing from the groups. The
+        # groups are checked before anything changes.
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
         for saved, current in zip(saved_groups, self.param_groups):
             for key, value in current.items():
                 saved.setdefault(key, value)
+        for i, group in enumerate(saved_groups):
+            _check_hyper(group, f"the state_dict's param_groups[{i}]")
+        self.restore()
+        if base_state is not None:
+            self.base_optimizer.load_state_dict(base_state)
         super().load_state_dict({**state_dict, "param_groups": saved_groups})
         self.base_optimizer.param_groups = self.param_groups  # load_state_dict made new group dicts: share again
         if base_state is None:
@@ -459,8 +519,6 @@ class SAM(torch.optim.Optimizer):
                 "SAM port, which does not save its base optimizer): the param groups (lr, rho, ...) were loaded, but "
                 f"{type(self.base_optimizer).__name__}'s state (momentum, moments) starts empty", UserWarning,
                 stacklevel=2)
-        for group in self.param_groups:
-            _check_hyper(group)
 
     _STATE_KEYS: tuple[str, ...] = ()  # per-parameter state of SAM's own (F-SAM: its EMA)
 

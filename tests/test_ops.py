@@ -150,8 +150,9 @@ def test_invalid_inputs_raise_clear_errors() -> None:
         ops.restore_([torch.zeros(2, dtype=torch.complex64)], [torch.zeros(2, dtype=torch.complex64)])
     with pytest.raises(TypeError, match="floating-point"):
         ops.grad_sumsq([torch.zeros(3, dtype=torch.int64)])
-    with pytest.raises(ValueError, match="rho must be >= 0"):
-        ops.perturb_(params, grads, backups, s, -1.0)
+    for rho in (-1.0, float("inf"), 1e39, float("nan")):  # inf (or beyond fp32) would write inf weights
+        with pytest.raises(ValueError, match="rho must be a finite number >= 0"):
+            ops.perturb_(params, grads, backups, s, rho)
     with pytest.raises(ValueError, match="micro_batches"):
         ops.grad_sumsq(grads, micro_batches=0)
     with pytest.raises(ValueError, match="leading dim 2"):

@@ -637,3 +637,124 @@ def test_first_step_returns_a_0dim_norm(backend: str) -> None:
     assert f"{norm:.4f}" == f"{expected.item():.4f}"  # formats like clip_grad_norm_'s result
     torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
     opt.restore()
+
+
+# ---- never silently wrong: bad input raises, and leaves nothing changed ----------------------------------------------
+
+
+def _snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _unchanged(params, before) -> bool:
+    return all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+def test_failing_first_step_leaves_every_weight_as_it_was(backend: str) -> None:
+    """The fp32 bucket is valid, the bf16 one is not (an fp32 gradient): the call raises after the fp32 bucket ran;
+    the op layer puts it back, so no weight stays perturbed while is_perturbed says False."""
+    good = torch.nn.Parameter(torch.randn(5))
+    half = torch.nn.Parameter(torch.randn(3).bfloat16())
+    half.grad_dtype = None  # torch allows a gradient of another dtype only when asked to
+    good.grad, half.grad = torch.randn(5), torch.randn(3)  # half's gradient has the wrong dtype
+    opt = sam_fused.SAM([good, half], torch.optim.SGD, lr=LR, backend=backend)
+    before = _snapshot([good, half])
+    with pytest.raises(ValueError, match="dtype"):
+        opt.first_step()
+    assert not opt.is_perturbed and _unchanged([good, half], before)
+
+
+def test_expanded_parameter_is_refused_before_anything_is_written(backend: str) -> None:
+    good = torch.nn.Parameter(torch.randn(5))
+    expanded = torch.nn.Parameter(torch.randn(1).expand(4))
+    good.grad, expanded.grad = torch.randn(5), torch.randn(4)
+    opt = sam_fused.SAM([good, expanded], torch.optim.SGD, lr=LR, backend=backend)
+    before = _snapshot([good, expanded])
+    with pytest.raises(ValueError, match=r"params\[1\] has elements that share memory|overlap"):
+        opt.first_step()
+    assert not opt.is_perturbed and _unchanged([good, expanded], before)
+
+
+def test_parameter_listed_twice_is_refused(backend: str) -> None:
+    model = make_model()
+    params = list(model.parameters())
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="listed twice"):
+        sam_fused.SAM(params + params[-1:], torch.optim.SGD, lr=LR, backend=backend)
+    opt = sam_fused.SAM(params[:2], torch.optim.SGD, lr=LR, backend=backend)
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check, across groups
+        opt.add_param_group({"params": params[1:]})
+    assert len(opt.param_groups) == 1
+
+
+def test_overlapping_parameters_are_refused(backend: str) -> None:
+    buffer = torch.randn(10)
+    a, b = torch.nn.Parameter(buffer[:6]), torch.nn.Parameter(buffer[4:])
+    with pytest.raises(ValueError, match="overlaps the memory"):
+        sam_fused.SAM([a, b], torch.optim.SGD, lr=LR, backend=backend)
+    disjoint = [torch.nn.Parameter(buffer[:5]), torch.nn.Parameter(buffer[5:])]  # views of one buffer, apart: fine
+    sam_fused.SAM(disjoint, torch.optim.SGD, lr=LR, backend=backend)
+
+
+@pytest.mark.parametrize("key, value", [("rho", float("inf")), ("rho", 1e39), ("rho", -1.0), ("rho", float("nan")),
+                                        ("eta", -1.0), ("eta", float("inf")), ("sigma", float("nan")),
+                                        ("sigma", float("inf")), ("lmbda", 1.5)])
+def test_bad_hyperparameter_is_refused_everywhere(backend: str, key: str, value: float) -> None:
+    """At construction, in add_param_group (nothing added), edited into param_groups (the next step raises, nothing
+    perturbed), and in a state_dict being loaded (nothing loaded)."""
+    x, y = make_data()
+    model = make_model()
+    params = list(model.parameters())
+    match = rf"{key} must be"
+    with pytest.raises(ValueError, match=match):
+        sam_fused.FriendlySAM(params, torch.optim.SGD, lr=LR, backend=backend, **{key: value})
+
+    opt = sam_fused.FriendlySAM(params[:2], torch.optim.SGD, lr=LR, backend=backend)
+    with pytest.raises(ValueError, match=rf"param_groups\[1\]: {match}"):
+        opt.add_param_group({"params": params[2:], key: value})
+    assert len(opt.param_groups) == 1 and opt.param_groups is opt.base_optimizer.param_groups
+
+    opt = sam_fused.FriendlySAM(params, torch.optim.SGD, lr=LR, momentum=MOMENTUM, backend=backend)
+    _train(model, opt, x, y, 1)
+    good_state = opt.state_dict()
+    bad_state = opt.state_dict()
+    bad_state["param_groups"][0][key] = value
+    before = _snapshot(params)
+    with pytest.raises(ValueError, match=rf"state_dict's param_groups\[0\]: {match}"):
+        opt.load_state_dict(bad_state)
+    assert opt.param_groups[0][key] == good_state["param_groups"][0][key]
+
+    opt.param_groups[0][key] = value
+    mse(model(x), y).backward()
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]: {match}"):
+        opt.first_step()
+    assert not opt.is_perturbed and _unchanged(params, before)
+
+
+def test_sam_checkpoint_loads_into_friendly_sam(backend: str) -> None:
+    """Missing F-SAM keys keep the FriendlySAM's own values (it used to raise a bare KeyError('sigma') next step)."""
+    x, y = make_data()
+    model = make_model()
+    sam = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, backend=backend)
+    _train(model, sam, x, y, 1)
+    fsam = sam_fused.FriendlySAM(model.parameters(), torch.optim.SGD, sigma=0.5, lmbda=0.6, lr=LR, backend=backend)
+    fsam.load_state_dict(sam.state_dict())
+    assert fsam.param_groups[0]["sigma"] == 0.5 and fsam.param_groups[0]["momentum"] == MOMENTUM
+    _train(model, fsam, x, y, 1)
+
+
+def test_msam_refuses_an_empty_batch_and_an_active_perturbation(backend: str) -> None:
+    x, y = make_data()
+    model = make_model()
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, backend=backend)
+    before = _snapshot(model.parameters())
+    for method in ("fast", "sequential"):
+        with pytest.raises(ValueError, match="batch is empty"):
+            opt.msam_step(model, mse, x[:0], y[:0], micro_batches=2, method=method)
+    mse(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    for method in ("auto", "fast", "sequential"):
+        with pytest.raises(RuntimeError, match="perturbed"):
+            opt.msam_step(model, mse, x, y, micro_batches=2, method=method)
+    assert opt.is_perturbed
+    opt.restore()
+    assert _unchanged(model.parameters(), before)

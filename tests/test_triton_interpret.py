@@ -316,6 +316,19 @@ def test_ops_layer_with_backend_triton() -> None:
     assert all(torch.equal(p, o) for p, o in zip(params, original))
 
 
+def test_expanded_weight_is_refused_before_anything_is_written() -> None:
+    """A good tensor followed by an expanded one: the Triton ops used to write the first, then fail on the second."""
+    params = [torch.randn(5), torch.randn(1).expand(4)]
+    grads = [torch.randn(5), torch.randn(4)]
+    before = _clone(params)
+    backups = [torch.empty_like(p) for p in params]
+    with pytest.raises(ValueError, match=r"params\[1\] has elements that share memory"):
+        T.perturb_(params, grads, backups, reference.grad_sumsq(grads), 0.05)
+    with pytest.raises(ValueError, match=r"params\[1\] has elements that share memory"):
+        T.restore_(params, [torch.randn(5), torch.randn(4)])
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def _opcheck_args(name: str) -> tuple:
     params, grads = _lists(torch.float32, shapes=[(3,), (2, 5)])
     _, kgrads = _lists(torch.float32, 2, seed=1, shapes=[(3,), (2, 5)])
