@@ -44,9 +44,21 @@ def split_micro_batches(inputs: Batch, targets: Batch, k: int) -> list[tuple[tup
     return [(tuple(p[j] for p in parts_x), tuple(p[j] for p in parts_y)) for j in range(k)]
 
 
+def check_scalar_loss(loss: object, j: int) -> torch.Tensor:
+    """loss_fn must return micro-batch j's mean loss, a 0-dim tensor (reduction="none" would scale the step)."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a 0-dim tensor, the mean loss of its micro-batch; for micro-batch {j} "
+                         f"it returned {what} (a loss with reduction='none'?)")
+    return loss
+
+
 def msam_sequential(
-    opt: SAM, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], inputs: Batch, targets: Batch, k: int
+    opt: SAM, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], inputs: Batch, targets: Batch, k: int,
+    base_step: bool = True,
 ) -> torch.Tensor:
+    """One mSAM step in 2k micro-batch passes: leaves .grad = G and, if `base_step`, takes the base optimizer's
+    step. Returns the mean unperturbed micro-batch loss."""
     batches = split_micro_batches(inputs, targets, k)
     slots_params = [(g, [p for p in g["params"] if p.requires_grad]) for g in opt.param_groups]
     flat = [p for _, ps in slots_params for p in ps]
@@ -55,7 +67,7 @@ def msam_sequential(
     try:
         for j, (xj, yj) in enumerate(batches):
             with no_sync_unless(model, False):
-                loss = loss_fn(model(*xj), *yj)
+                loss = check_scalar_loss(loss_fn(model(*xj), *yj), j)
                 losses.append(loss.detach())
                 grads = torch.autograd.grad(loss, flat, allow_unused=True)
             opt._perturb(_slots_from(slots_params, grads))
@@ -65,7 +77,8 @@ def msam_sequential(
     except BaseException:
         opt.restore()
         raise
-    opt.base_optimizer.step()
+    if base_step:
+        opt.base_optimizer.step()
     return torch.stack(losses).mean()
 
 

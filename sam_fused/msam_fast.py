@@ -59,7 +59,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from . import ops, reference
 from .distributed import is_ddp
-from .msam import Batch, _as_tuple, split_micro_batches
+from .msam import Batch, _as_tuple, check_scalar_loss, msam_sequential, split_micro_batches
 from .msam_layers import (
     EmbeddingRecordingOutputGrad,
     LinearRecordingOutputGrad,
@@ -461,7 +461,7 @@ def _micro_batch_losses(
     model: nn.Module, loss_fn: Callable[..., torch.Tensor], xs: tuple, targets: list[tuple], k: int, n: int
 ) -> list[torch.Tensor]:
     outs = _split_output(model(*xs), k, n)
-    return [loss_fn(out_j, *y_j) for out_j, y_j in zip(outs, targets)]
+    return [check_scalar_loss(loss_fn(out_j, *y_j), j) for j, (out_j, y_j) in enumerate(zip(outs, targets))]
 
 
 def msam_fast(
@@ -474,11 +474,12 @@ def msam_fast(
     *,
     linear_mode: str = "auto",
     plan: dict[str, str] | None = None,
+    base_step: bool = True,
 ) -> torch.Tensor:
     """One mSAM step (k micro-batches) in two full-batch passes; same contract as msam_sequential.
 
-    Leaves .grad = G = (1/k) sum_j grad L_{B_j}(w + e_j), takes opt.base_optimizer.step() and returns the mean
-    unperturbed micro-batch loss (detached). The weights are never modified in place except by the base step.
+    Leaves .grad = G = (1/k) sum_j grad L_{B_j}(w + e_j), takes opt.base_optimizer.step() (if `base_step`) and returns
+    the mean unperturbed micro-batch loss (detached). The weights are never modified in place except by the base step.
     `linear_mode`: "auto" (cost model), "low_rank" or "materialized" for the perturbed nn.Linear weights (ASAM groups
     are always materialized). `plan`, if given, is filled with {module name: how it was handled}.
     Raises FastPathUnsupported (a ValueError) before changing any state when the model is not supported.
@@ -522,7 +523,8 @@ def msam_fast(
         perturbed_losses = _micro_batch_losses(model, loss_fn, xs, targets_j, k, n)
     opt.zero_grad(set_to_none=True)
     (torch.stack(perturbed_losses).sum() / k).backward()
-    opt.base_optimizer.step()
+    if base_step:
+        opt.base_optimizer.step()
     if plan is not None:
         plan.update({layer.name: layer.mode for layer in layers})
     return torch.stack([loss.detach() for loss in losses]).mean()
@@ -536,3 +538,48 @@ def _check_no_direct_use(model: nn.Module, trainable: list[torch.Tensor], direct
         names = {p: name for name, p in model.named_parameters()}
         raise FastPathUnsupported(f"parameter {names.get(used[0], tuple(used[0].shape))} is used outside its module's "
                                   "forward (e.g. a functional call or a tied weight)")
+
+
+# ---- proof on first use ------------------------------------------------------------------------------------------
+# fast_path_support() reads the model's modules, not its forward: a parameter-free step that mixes examples
+# (x - x.mean(0)), or an nn.Linear fed sequence-first [T, N, D] with T == N, passes the checks and gives a wrong G.
+# So msam_step(method="auto") proves the fast path once per model and input shapes: one step computes G both ways on
+# the same batch and keeps the fast path only if they agree; else it warns once and stays sequential for that model.
+
+
+def shape_key(inputs: Batch, targets: Batch, k: int) -> tuple:
+    """What the proof holds for: the input and target shapes and dtypes, and k."""
+    return (k, *((tuple(t.shape), t.dtype) for t in (*_as_tuple(inputs), *_as_tuple(targets))))
+
+
+def relative_difference(fast: list[torch.Tensor | None], sequential: list[torch.Tensor | None]) -> float:
+    """||G_fast - G_seq|| / ||G_seq|| over all parameters (a missing gradient counts as zeros)."""
+    diff = ref = 0.0
+    for a, b in zip(fast, sequential):
+        if a is None and b is None:
+            continue
+        a64 = torch.zeros_like(b, dtype=torch.float64) if a is None else a.double()
+        b64 = torch.zeros_like(a, dtype=torch.float64) if b is None else b.double()
+        diff += float((a64 - b64).square().sum())
+        ref += float(b64.square().sum())
+    return (diff / ref) ** 0.5 if ref > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def proof_tolerance(params: list[torch.Tensor]) -> float:
+    """Both paths are exact up to rounding: 1e-4 relative for fp32 (tests see ~1e-6), more for 16-bit weights."""
+    return max([1e-4] + [64 * torch.finfo(p.dtype).eps for p in params if p.is_floating_point()])
+
+
+def msam_proven(
+    opt: SAM, model: nn.Module, loss_fn: Callable[..., torch.Tensor], inputs: Batch, targets: Batch, k: int,
+    plan: dict[str, str],
+) -> tuple[torch.Tensor, float, float]:
+    """One mSAM step that computes G by the fast path and by the sequential path on the same batch, takes the base
+    step with the sequential G, and returns (mean loss, relative difference of the two G, tolerance)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    msam_fast(opt, model, loss_fn, inputs, targets, k, plan=plan, base_step=False)
+    fast = [None if p.grad is None else p.grad.clone() for p in params]
+    loss = msam_sequential(opt, model, loss_fn, inputs, targets, k, base_step=False)
+    diff = relative_difference(fast, [p.grad for p in params])
+    opt.base_optimizer.step()
+    return loss, diff, proof_tolerance(params)

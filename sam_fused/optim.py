@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -167,6 +168,8 @@ class SAM(torch.optim.Optimizer):
         self._perturbed: list[tuple[_Slot, list[torch.Tensor]]] = []  # (slot, its backups) since first_step
         self.fused_second_step = True  # restore + torch.optim.SGD update in one pass where exact (_fused_sgd_plan)
         self.last_grad_norm: torch.Tensor | None = None
+        # msam_step(method="auto"): per model, per shape_key, whether the fast path was proven (True) or disproved
+        self._msam_proofs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _extra_defaults(self) -> dict[str, Any]:
         return {}
@@ -440,13 +443,17 @@ class SAM(torch.optim.Optimizer):
             nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm and parameter-free modules, whose examples do not
             interact (no BatchNorm, no dropout in training mode). Raises ValueError with the reason otherwise.
           * "auto" (default): "fast" when k > 1, the model is supported and not DDP-wrapped, else "sequential"
-            (k = 1 is plain SAM, which the sequential path already runs in two passes).
+            (k = 1 is plain SAM, which the sequential path already runs in two passes). The fast path's module
+            checks cannot see what a forward does (examples mixed across the batch, a batch dim other than 0), so
+            on first use per model and input shapes the step computes G both ways and keeps the fast path only if
+            they agree (msam_fast.msam_proven); otherwise one RuntimeWarning, and that model stays sequential.
+        Every call checks that loss_fn returns a 0-dim loss and that the batch is not empty (ValueError).
         Which one ran is recorded in ``self.last_msam_info``: {"method": ..., "reason": ...} and, for the fast path,
         "layers": {module name: how it was handled} (e.g. "linear low-rank", "linear materialized (ASAM)").
         """
         from .distributed import is_ddp
         from .msam import msam_sequential
-        from .msam_fast import FastPathUnsupported, fast_path_support, msam_fast
+        from .msam_fast import FastPathUnsupported, fast_path_support, msam_fast, msam_proven, shape_key
 
         if method not in ("auto", "fast", "sequential"):
             raise ValueError(f"method must be 'auto', 'fast' or 'sequential', got {method!r}")
@@ -459,10 +466,31 @@ class SAM(torch.optim.Optimizer):
             supported, reason = fast_path_support(model)
             if is_ddp(model):
                 supported, reason = False, "DDP-wrapped models run the sequential path"
+            proofs = self._msam_proofs.setdefault(model, {})
+            key = shape_key(inputs, targets, micro_batches)
+            if supported and method == "auto" and proofs.get(key) is False:
+                supported, reason = False, ("on first use the fast path's gradient disagreed with the sequential "
+                                            "path's on this model and input shapes")
             if supported:
                 layers: dict[str, str] = {}
                 try:
-                    loss = msam_fast(self, model, loss_fn, inputs, targets, micro_batches, plan=layers)
+                    if method == "auto" and key not in proofs:
+                        loss, diff, tol = msam_proven(self, model, loss_fn, inputs, targets, micro_batches, layers)
+                        proofs[key] = diff <= tol
+                        if not proofs[key]:
+                            warnings.warn(
+                                f"msam_step: the fast path's gradient differs from the sequential path's by {diff:.3g} "
+                                f"(relative; tolerance {tol:.1g}) on this model: the model is outside what the fast "
+                                "path supports (examples interacting across the batch, a batch dim other than 0?); "
+                                "this model runs the sequential path from now on. This step used the sequential "
+                                "gradient.", RuntimeWarning, stacklevel=2)
+                            self.last_msam_info = {"method": "sequential", "reason": "fast path disproved on first use",
+                                                   "relative_difference": diff}
+                            self._opt_called = True
+                            return loss
+                        reason += f"; proven on first use (G within {diff:.1g} relative of the sequential path's)"
+                    else:
+                        loss = msam_fast(self, model, loss_fn, inputs, targets, micro_batches, plan=layers)
                     self.last_msam_info = {"method": "fast", "reason": reason, "layers": layers}
                     self._opt_called = True  # the base optimizer stepped (for LR schedulers, as in second_step)
                     return loss

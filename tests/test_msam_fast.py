@@ -370,3 +370,80 @@ def test_invalid_method_and_split() -> None:
     with pytest.raises(ValueError, match="does not divide"):
         opt.msam_step(model, loss_fn, x, y, micro_batches=3, method="fast")
     assert issubclass(FastPathUnsupported, ValueError)
+
+
+# ---- auto never silently wrong: the fast path is proven on first use -------------------------------------------------
+
+
+class Centered(nn.Module):
+    """Parameter-free, but it mixes the examples of the batch: the fast path's module checks cannot see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0)
+
+
+class SequenceFirst(nn.Module):
+    """An nn.Linear fed [T, N, D] (sequence first): with T == N its dim 0 looks like the batch, but is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, T, D]
+        return self.out(torch.tanh(self.lin(x.transpose(0, 1))).transpose(0, 1).mean(1))
+
+
+def _mixing_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), Centered(), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("build, x", [(_mixing_mlp, torch.randn(8, 5)), (SequenceFirst, torch.randn(8, 8, 4))],
+                         ids=["mixes-the-batch", "sequence-first-T==N"])
+def test_auto_disproves_a_wrong_fast_path_and_stays_exact(build, x: torch.Tensor) -> None:
+    torch.manual_seed(1)
+    model = build()
+    y = torch.randn(x.shape[0], 3 if isinstance(model, nn.Sequential) else 2)
+    reference = copy.deepcopy(model)
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=LR, momentum=MOMENTUM)
+    ref_opt = sam_fused.SAM(reference.parameters(), torch.optim.SGD, rho=0.5, lr=LR, momentum=MOMENTUM)
+    assert fast_path_support(model)[0]  # the module checks pass: only running it can tell
+    with pytest.warns(RuntimeWarning, match="fast path's gradient differs"):
+        opt.msam_step(model, F.mse_loss, x, y, micro_batches=4)
+    assert opt.last_msam_info["method"] == "sequential" and opt.last_msam_info["relative_difference"] > 1e-3
+    ref_opt.msam_step(reference, F.mse_loss, x, y, micro_batches=4, method="sequential")
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)  # the step used the sequential gradient
+    opt.msam_step(model, F.mse_loss, x, y, micro_batches=4)  # no second warning; sequential from now on
+    assert opt.last_msam_info["method"] == "sequential" and "disagreed" in opt.last_msam_info["reason"]
+
+
+def test_auto_proves_a_supported_model_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sam_fused.msam_fast as fast
+
+    calls = []
+    real = fast.msam_sequential
+    monkeypatch.setattr(fast, "msam_sequential", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR)
+    x, y = torch.randn(8, 5), torch.randn(8, 3)
+    opt.msam_step(model, F.mse_loss, x, y, micro_batches=4)
+    assert opt.last_msam_info["method"] == "fast" and "proven on first use" in opt.last_msam_info["reason"]
+    opt.msam_step(model, F.mse_loss, x, y, micro_batches=4)
+    assert "proven" not in opt.last_msam_info["reason"] and len(calls) == 1  # proven once for these shapes
+    opt.msam_step(model, F.mse_loss, x[:4], y[:4], micro_batches=4)  # new shapes: proven again
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("method", ["auto", "fast", "sequential"])
+def test_a_loss_that_is_not_a_scalar_is_refused(method: str) -> None:
+    """reduction='none' made the fast path take a k-times larger step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3))
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="loss_fn must return a 0-dim tensor"):
+        opt.msam_step(model, lambda out, t: F.mse_loss(out, t, reduction="none"), torch.randn(8, 5),
+                      torch.randn(8, 3), micro_batches=4, method=method)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not opt.is_perturbed
