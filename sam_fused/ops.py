@@ -48,6 +48,12 @@ def _pick(ts: Tensors | None, idx: list[int] | None) -> Tensors | None:
     return ts if ts is None or idx is None else [ts[i] for i in idx]
 
 
+def _sumsq_for(sumsq: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of squares as a bucket's math needs it: fp64 for fp64 weights, fp32 for all others (a global sumsq is
+    fp64 when any weight of the model is)."""
+    return sumsq.to(device, torch.float64 if dtype == torch.float64 else torch.float32, non_blocking=True)
+
+
 def _check_k(micro_batches: int) -> None:
     if not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
@@ -96,7 +102,7 @@ def perturb_(
         for (device, dtype), idx in _buckets("params", params, {"grads": grads, "backups": backups}).items():
             name = choose(backend, device, dtype)
             op_table(name).perturb_(_pick(params, idx), _pick(grads, idx), _pick(backups, idx),
-                                    sumsq.to(device, non_blocking=True), rho, eps, adaptive, eta, normalize)
+                                    _sumsq_for(sumsq, device, dtype), rho, eps, adaptive, eta, normalize)
             done.append((name, idx))
     except Exception:
         # Every backend validates a bucket before writing it, so only the buckets before the failing one were
@@ -122,7 +128,7 @@ def perturb_batched(
     out: Tensors = [None] * len(params)  # type: ignore[list-item]
     for (device, dtype), idx in _buckets("params", params, {"grads": grads}).items():
         op = op_table(choose(backend, device, dtype)).perturb_batched
-        res = op(_pick(params, idx), _pick(grads, idx), sumsq.to(device, non_blocking=True),
+        res = op(_pick(params, idx), _pick(grads, idx), _sumsq_for(sumsq, device, dtype),
                  rho, eps, adaptive, eta, normalize)
         for i, r in zip(range(len(params)) if idx is None else idx, res):
             out[i] = r

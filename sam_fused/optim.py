@@ -285,16 +285,22 @@ class SAM(torch.optim.Optimizer):
         """Perturb the weights along the current gradients: w <- w + e.
 
         With ``grad_scaler`` the gradients are unscaled in place first, and non-finite gradients (the overflow the
-        scaler will skip) leave the weights unperturbed. Returns the global norm of the perturbation direction as a
+        scaler will skip) leave the weights unperturbed and advance nothing (F-SAM's EMA stays as it was); telling
+        them apart costs one host sync, like GradScaler.step. Returns the global norm of the perturbation direction as a
         0-dim fp32 device tensor, like ``torch.nn.utils.clip_grad_norm_`` (inf/nan when the perturbation was skipped;
         reading it synchronizes, so only read if needed), or None when no parameter has a gradient.
         """
         self._check_groups()
         slots, already_perturbed = self._slots(), self.is_perturbed
         try:
+            found_inf = None
             if grad_scaler is not None and grad_scaler.is_enabled():
-                self._unscale(slots, grad_scaler)
-            self.last_grad_norm = self._perturb(slots)
+                found_inf = self._unscale(slots, grad_scaler)
+            if found_inf is not None and bool(found_inf):  # a host sync, as GradScaler.step makes one
+                # The step the scaler will skip: no perturbation and nothing else advanced (F-SAM's EMA).
+                self.last_grad_norm = torch.full((), float("inf"), device=found_inf.device)
+            else:
+                self.last_grad_norm = self._perturb(slots)
         except Exception:
             if not already_perturbed:  # (then _perturb refused to start) never leave part of the weights perturbed
                 self.restore()
@@ -305,17 +311,28 @@ class SAM(torch.optim.Optimizer):
         return self.last_grad_norm
 
     @staticmethod
-    def _unscale(slots: list[_Slot], grad_scaler: torch.amp.GradScaler) -> None:
+    def _unscale(slots: list[_Slot], grad_scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+        """Unscale the gradients in place and return how many were non-finite (a device tensor; None without
+        gradients), in the one fused pass torch's GradScaler uses. Sharded slots add up their ranks' counts."""
         scale = getattr(grad_scaler, "_scale", None)  # device tensor; get_scale() would sync with the host
         if scale is None:
             raise RuntimeError("grad_scaler has no scale yet: call grad_scaler.scale(loss).backward() first")
         inv = scale.double().reciprocal().float()
+        total = None
         for s in slots:
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for g in s.grads:
-                by_device.setdefault(g.device, []).append(g)
-            for device, grads in by_device.items():
-                torch._foreach_mul_(grads, inv.to(device, non_blocking=True))
+                buckets.setdefault((g.device, g.dtype), []).append(g)
+            found_in_slot = None
+            for (device, _), grads in buckets.items():
+                found = torch.zeros(1, dtype=torch.float32, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv.to(device, non_blocking=True))
+                found_in_slot = _add(found_in_slot, found)
+            if found_in_slot is not None and s.shard_group is not None:
+                dist.all_reduce(found_in_slot, group=s.shard_group)  # every rank skips, or none
+            if found_in_slot is not None:
+                total = _add(total, found_in_slot)
+        return total
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -1,8 +1,9 @@
 """The `torch` backend: pure-PyTorch reference of every op (docs/DESIGN.md section 3).
 
 Every fused backend is validated against these functions. They favour clarity over speed, but use
-``torch._foreach_*`` where the math is elementwise so that they are a reasonable fallback. All arithmetic is in
-fp32 whatever the storage dtype; results are rounded to the storage dtype once, at the store.
+``torch._foreach_*`` where the math is elementwise so that they are a reasonable fallback. Arithmetic is in fp32
+whatever the storage dtype, except fp64 tensors, which are computed in fp64 (norm, scale, update, EMA; grad_sumsq
+then returns fp64); results are rounded to the storage dtype once, at the store.
 
 Canonical per-element formulas (the compiled kernels use the same order of operations, csrc/shared/sam_math.h):
     t     = |w| + eta                   (adaptive only; t = 1 otherwise)
@@ -19,13 +20,31 @@ from . import _checks
 Tensors = list[torch.Tensor]
 
 
-def _f32(ts: Tensors) -> Tensors:
-    return [t.float() for t in ts]
+def math_dtype(t: torch.Tensor) -> torch.dtype:
+    """The arithmetic of a tensor's elements: fp64 for fp64 storage (its users compare against fp64 references), fp32
+    for every other dtype."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def sumsq_dtype(ts: Tensors) -> torch.dtype:
+    """grad_sumsq's result: fp64 when any input is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _wide(ts: Tensors) -> Tensors:
+    return [t.to(math_dtype(t)) for t in ts]  # the tensor itself when it is already in its math dtype
+
+
+def _by_math_dtype(ts: Tensors) -> list[list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(ts):
+        groups.setdefault(math_dtype(t), []).append(i)
+    return list(groups.values())
 
 
 def _t_factor(params: Tensors, eta: float) -> Tensors:
-    """t = |w| + eta in fp32."""
-    return torch._foreach_add(torch._foreach_abs(_f32(params)), eta)
+    """t = |w| + eta in each tensor's math dtype."""
+    return torch._foreach_add(torch._foreach_abs(_wide(params)), eta)
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -34,12 +53,15 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().float()
 
 
-def perturb_scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, finite) as fp32 device tensors shaped like sumsq; no host sync."""
-    sumsq = sumsq.float()
+def perturb_scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, finite) as device tensors of `dtype` (fp32, or fp64 for fp64 weights) shaped like sumsq; no host
+    sync."""
+    sumsq = sumsq.to(dtype)
     finite = torch.isfinite(sumsq)
     rho_t = torch.full_like(sumsq, rho)
-    scale = rho_t / (sqrt_rn(sumsq) + eps) if normalize else rho_t  # a true division (rho / t is rho * (1 / t))
+    root = sqrt_rn(sumsq) if dtype == torch.float32 else sumsq.sqrt()
+    scale = rho_t / (root + eps) if normalize else rho_t  # a true division (rho / t is rho * (1 / t))
     return torch.where(finite, scale, torch.zeros_like(scale)), finite
 
 
@@ -48,11 +70,12 @@ def grad_sumsq(grads: Tensors, params: Tensors | None = None, eta: float = 0.0, 
     _checks.check_grad_sumsq(grads, params, k)
     if not grads:
         return torch.zeros(k, dtype=torch.float32)
-    xs = _f32(grads)
+    xs = _wide(grads)
     if params is not None:
         t = _t_factor(params, eta)
         xs = torch._foreach_mul(xs, t) if k == 1 else [x * ti for x, ti in zip(xs, t)]  # t broadcasts over k
-    per_tensor = [x.reshape(k, -1).square().sum(dim=1) for x in xs]  # [k] each: x as [k, n], summed per slice
+    acc = sumsq_dtype(grads)
+    per_tensor = [x.reshape(k, -1).square().sum(dim=1).to(acc) for x in xs]  # [k] each: x as [k, n], per slice
     return torch.stack(per_tensor).sum(dim=0)
 
 
@@ -70,19 +93,27 @@ def perturb_(
     _checks.check_perturb(params, grads, backups)
     if not params:
         return
+    groups = _by_math_dtype(params)
+    if len(groups) > 1:  # fp64 and other weights in one call: each group with the scale in its own math dtype
+        for idx in groups:
+            perturb_(*([ts[i] for i in idx] for ts in (params, grads, backups)), sumsq, rho, eps, adaptive, eta,
+                     normalize)
+        return
+    dtype = math_dtype(params[0])
     torch._foreach_copy_(backups, params)
-    scale, finite = perturb_scale(sumsq.reshape(-1)[0], rho, eps, normalize)  # 0-dim: broadcasts to any shape
-    direction = _f32(grads)
+    scale, finite = perturb_scale(sumsq.reshape(-1)[0], rho, eps, normalize, dtype)  # 0-dim: broadcasts
+    direction = _wide(grads)
     if adaptive:
         t = _t_factor(params, eta)
         direction = torch._foreach_mul(direction, torch._foreach_mul(t, t))
     if sumsq.device.type != "cpu" or torch.compiler.is_compiling():  # no host sync, no data-dependent branch
         for p, d in zip(params, direction):
-            p.copy_(torch.where(finite, p.float() + scale * d, p.float()))
+            w = p.to(dtype)
+            p.copy_(torch.where(finite, w + scale * d, w))
         return
     if not bool(finite):  # a host tensor: reading it is free, and the whole update is skipped
         return
-    w = _f32(params)  # fp32 tensors are updated in place, others through fp32 copies rounded once at the store
+    w = _wide(params)  # fp32/fp64 tensors are updated in place, others through fp32 copies rounded once at the store
     torch._foreach_add_(w, torch._foreach_mul(direction, scale))
     low = [(p, x) for p, x in zip(params, w) if x is not p]
     if low:
@@ -103,11 +134,13 @@ def perturb_batched(
     _checks.check_perturb_batched(params, grads, k)
     if not params:
         return []
-    scale, finite = perturb_scale(sumsq.reshape(k), rho, eps, normalize)
+    scales = {dtype: perturb_scale(sumsq.reshape(k), rho, eps, normalize, dtype)
+              for dtype in {math_dtype(p) for p in params}}
     outs = []
     for p, g in zip(params, grads):
-        w = p.float().unsqueeze(0)  # [1, *p.shape], broadcast over k
-        d = g.float()
+        scale, finite = scales[math_dtype(p)]
+        w = p.to(math_dtype(p)).unsqueeze(0)  # [1, *p.shape], broadcast over k
+        d = g.to(math_dtype(p))
         if adaptive:
             t = w.abs() + eta
             d = t * t * d
@@ -137,7 +170,7 @@ def fsam_direction_(
         if first:  # m = g, d = g
             torch._foreach_copy_(ema, grads)
         else:  # d = g - sigma * m_prev; m = lmbda * m_prev + (1 - lmbda) * g
-            g, m = _f32(grads), _f32(ema)
+            g, m = _wide(grads), _wide(ema)
             d = torch._foreach_sub(g, torch._foreach_mul(m, sigma))
             new_m = torch._foreach_add(torch._foreach_mul(m, lmbda), torch._foreach_mul(g, 1.0 - lmbda))
             torch._foreach_copy_(grads, d)

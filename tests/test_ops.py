@@ -107,7 +107,8 @@ def test_non_finite_gradient_gives_no_perturbation(bad: float) -> None:
 def test_float64_runs_on_the_reference() -> None:
     params, grads = _lists(dtype=torch.float64)
     s = ops.grad_sumsq(grads)
-    assert s.dtype == torch.float32
+    assert s.dtype == torch.float64  # fp64 in, fp64 arithmetic
+    torch.testing.assert_close(s, sum((g * g).sum() for g in grads).reshape(1), rtol=1e-14, atol=0)
     assert sam_fused._backends.choose("auto", torch.device("cpu"), torch.float64) == "torch"
 
 

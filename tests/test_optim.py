@@ -758,3 +758,73 @@ def test_msam_refuses_an_empty_batch_and_an_active_perturbation(backend: str) ->
     assert opt.is_perturbed
     opt.restore()
     assert _unchanged(model.parameters(), before)
+
+
+# ---- fp64 in, fp64 arithmetic ---------------------------------------------------------------------------------------
+
+
+def test_fp64_weights_are_not_rounded_to_fp32(backend: str) -> None:
+    w0 = torch.tensor([1.0 + 1e-10, 0.1, -3.3], dtype=torch.float64)
+    g = torch.tensor([1e-3, -2e-3, 5e-4], dtype=torch.float64)
+    for rho in (0.0, 1e-9):
+        p = torch.nn.Parameter(w0.clone())
+        p.grad = g.clone()
+        opt = sam_fused.SAM([p], torch.optim.SGD, rho=rho, lr=LR, backend=backend)
+        norm = opt.first_step()
+        assert norm.dtype == torch.float64
+        expected = w0 + rho * g / (g.norm() + 1e-12)  # fp64 throughout: rho=0 leaves w exactly, 1e-9 moves it right
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-15, atol=0)
+        assert torch.equal(torch.sign(p.detach() - w0), torch.sign(rho * g))
+        opt.restore()
+        assert torch.equal(p.detach(), w0)
+
+
+def test_fp64_friendly_sam_ema_is_fp64(backend: str) -> None:
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    g1 = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    g2 = torch.tensor([0.3, -0.1, 1.0 / 3.0], dtype=torch.float64)
+    opt = sam_fused.FriendlySAM([p], torch.optim.SGD, rho=0.0, sigma=0.5, lmbda=0.9, lr=LR, backend=backend)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.first_step()
+        opt.restore()
+    ema = opt.state[p]["fsam_ema"]
+    assert torch.equal(ema, g1 * 0.9 + g2 * (1 - 0.9))  # the reference's order, in fp64
+    assert torch.equal(p.grad, g2 - g1 * 0.5)
+
+
+def _scaled_step(model, opt, scaler, x, y, poison: bool = False) -> torch.Tensor:
+    first = next(model.parameters())
+    scaler.scale(mse(model(x), y)).backward()
+    if poison:
+        first.grad[0, 0] = float("inf")  # a GradScaler overflow
+    norm = opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(mse(model(x), y)).backward()
+    if poison:
+        first.grad[0, 0] = float("inf")
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    scaler.update()
+    return norm
+
+
+def test_fsam_overflow_step_advances_nothing(backend: str) -> None:
+    """A skipped (overflow) step must leave F-SAM's EMA as it was: it used to write inf into it, after which F-SAM never
+    perturbed again. The run with the overflow matches a run without that step, bit for bit."""
+    x, y = make_data()
+    runs = []
+    for poison_at, steps in ((1, 5), (None, 4)):  # the same 4 good steps, with and without an overflow after the 1st
+        model = make_model()
+        opt = sam_fused.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=LR, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # halved by the overflow: unscaling stays exact
+        for step in range(steps):
+            if step == poison_at:
+                emas = [opt.state[p]["fsam_ema"].clone() for p in model.parameters()]
+                norm = _scaled_step(model, opt, scaler, x, y, poison=True)
+                assert not torch.isfinite(norm) and not opt.is_perturbed
+                assert all(torch.equal(opt.state[p]["fsam_ema"], e) for p, e in zip(model.parameters(), emas))
+            else:
+                assert torch.isfinite(_scaled_step(model, opt, scaler, x, y))
+        runs.append((model, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb) and torch.equal(opt_a.state[pa]["fsam_ema"], opt_b.state[pb]["fsam_ema"])
