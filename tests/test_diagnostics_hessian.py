@@ -74,11 +74,11 @@ def test_lanczos_top_eigenvalues_match_exact(problem) -> None:
 
 def test_power_iteration_top_eigenvalues_match_exact(problem) -> None:
     model, x, y, h = problem
-    est = diagnostics.hessian_eigenvalues(model, mse, x, y, k=2, method="power", max_iter=2000, tol=1e-12)
+    est = diagnostics.hessian_eigenvalues(model, mse, x, y, k=2, method="power", max_iter=3000, tol=1e-9)
     exact = torch.linalg.eigvalsh(h).flip(0)[:2]
     assert est.converged and est.method == "power"
-    torch.testing.assert_close(torch.tensor(est.eigenvalues, dtype=torch.float64), exact, rtol=1e-6, atol=0)
-    assert max(est.residuals) < 1e-3  # the residual converges as the square root of the eigenvalue error
+    torch.testing.assert_close(torch.tensor(est.eigenvalues, dtype=torch.float64), exact, rtol=1e-9, atol=0)
+    assert max(est.residuals) < 1e-9  # tol bounds the residual, which bounds the eigenvalue error
 
 
 def test_unconverged_estimates_say_so(problem) -> None:
@@ -131,10 +131,10 @@ def test_lanczos_finds_repeated_eigenvalues() -> None:
 
 def test_hutchinson_trace_matches_exact_within_its_error(problem) -> None:
     model, x, y, h = problem
-    est = diagnostics.hessian_trace(model, mse, x, y, max_samples=1000, rtol=0.03, seed=3)
+    est = diagnostics.hessian_trace(model, mse, x, y, max_samples=1000, rtol=0.05, seed=3)
     exact = float(h.trace())
     assert est.converged and est.samples < 1000
-    assert est.std_error <= 0.03 * abs(est.trace)
+    assert 2 * est.std_error <= 0.05 * abs(est.trace)
     assert abs(est.trace - exact) < 4 * est.std_error
 
 
@@ -217,3 +217,35 @@ def test_exact_hessians_raise_no_deprecation_warning() -> None:
             "diagnostics.exact_hessian(model, mse, x, y); diagnostics.per_example_hessians(model, mse, x, y)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def _mlp_at_init(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+    return model, torch.randn(64, 10, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+
+
+def test_power_iteration_converged_means_what_it_says() -> None:
+    """converged: each value within tol * |value| of an eigenvalue, values in descending order. It used to stop on a
+    small change of the Rayleigh quotient: ~10% off, unsorted, and converged=True on a 10-32-4 MLP at init."""
+    tol = 1e-4
+    for seed in range(20):
+        model, x, y = _mlp_at_init(seed)
+        est = diagnostics.hessian_eigenvalues(model, mse, x, y, k=3, method="power", tol=tol, seed=seed)
+        assert est.eigenvalues == sorted(est.eigenvalues, reverse=True), seed
+        if not est.converged:
+            continue
+        exact = torch.linalg.eigvalsh(diagnostics.exact_hessian(model, mse, x, y))
+        for value in est.eigenvalues:
+            assert float((exact - value).abs().min()) <= tol * abs(value) * (1 + 1e-9), (seed, value)
+
+
+def test_hutchinson_converged_is_a_95_percent_statement(problem) -> None:
+    """Among converged runs, the error exceeds rtol about once in 20 (it stopped at one standard error: ~1 in 3)."""
+    model, x, y, h = problem
+    exact, rtol = float(h.trace()), 0.1
+    runs = [diagnostics.hessian_trace(model, mse, x, y, max_samples=400, rtol=rtol, seed=s) for s in range(60)]
+    converged = [r for r in runs if r.converged]
+    assert len(converged) >= 50
+    misses = sum(abs(r.trace - exact) > rtol * abs(exact) for r in converged)
+    assert misses <= 0.15 * len(converged), (misses, len(converged))

@@ -183,6 +183,9 @@ def test_verdict_says_which_criterion_decided() -> None:
     unknown = diagnostics.stability_verdict(h, 1.0 / lam, 6, max_operator_size=1)  # (1/4)^2 * 1 <= 1
     assert unknown.criterion == "undetermined" and unknown.stable is None and unknown.spectral_radius is None
     assert "undetermined" in str(unknown)
+    # the verdict names what "unstable" means: the linearized iteration's second moment under Bernoulli(B/n) sampling
+    assert "mean-square unstable by exact" in str(exact) and "linearized, Bernoulli(B/n) sampling" in str(exact)
+    assert "mean-square unstable by coherence" in str(coh)
     with pytest.raises(OperatorTooLarge):
         diagnostics.stability_verdict(h, 1.0 / lam, 6, exact=True, max_operator_size=1)
 

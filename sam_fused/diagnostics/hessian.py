@@ -32,10 +32,12 @@ MAX_HESSIAN_ENTRIES = 2**26
 class EigenEstimate:
     """The k largest (algebraic) eigenvalues of a symmetric operator, with convergence information.
 
-    residuals[i] = ||A v_i - lambda_i v_i|| / |lambda_i| for the returned unit vector v_i (relative residual; the
-    eigenvalue error is at most ||A v - lambda v|| and usually of the order of its square).
+    residuals[i] = ||A v_i - lambda_i v_i|| / |lambda_i| for the returned unit vector v_i (relative residual; A has
+    an eigenvalue within residuals[i] * |lambda_i| of lambda_i, and the error is usually of the order of its square).
     relative_changes[i]: power iteration: |lambda_t - lambda_{t-1}| / |lambda_t| at its last step; Lanczos: the
     change of the i-th Ritz value over the last step.
+    converged: every residual is below the solver's `tol` (power iteration: and its deflation found the values in
+    descending order). Eigenvalues are in descending order.
     """
 
     eigenvalues: list[float]
@@ -52,9 +54,9 @@ class TraceEstimate:
     """Hutchinson's tr(A) = E[v^T A v], v Rademacher: the mean over `samples` probes and its standard error."""
 
     trace: float
-    std_error: float  # sample std of v^T A v over probes / sqrt(samples)
+    std_error: float  # sample std of v^T A v over probes / sqrt(samples): an estimate from the probes themselves
     samples: int
-    converged: bool  # std_error <= rtol * |trace| was reached
+    converged: bool  # 2 * std_error <= rtol * |trace|: |trace - tr(A)| <= rtol |trace| at ~95% confidence
     rtol: float
 
 
@@ -107,20 +109,26 @@ def _power_stage(matvec: Matvec, v: torch.Tensor, shift: float, found: torch.Ten
     v = _project_out(v, found)
     v = v / v.norm()
     value, change, residual, it = 0.0, math.inf, math.inf, 0
-    for it in range(1, max_iter + 1):
-        av = _project_out(matvec(v), found)  # A v, restricted to the complement
+    while it < max_iter:
+        it += 1
+        full = matvec(v)
+        av = _project_out(full, found)  # A v, restricted to the complement of `found`
         new = float(v @ av)  # Rayleigh quotient of A (unshifted)
-        residual = float((av - new * v).norm()) / max(abs(new), 1e-30)
-        change = abs(new - value) / max(abs(new), 1e-30)
+        scale = max(abs(new), 1e-30)
+        # Reported: the residual of A itself, so that A has an eigenvalue within residual * |new| of new. The stage
+        # iterates until the deflated operator's residual is 10x below tol, which leaves room for what the earlier
+        # stages' vectors leak into A's residual.
+        residual = float((full - new * v).norm()) / scale
+        change = abs(new - value) / scale
         value = new
-        shifted = av - shift * v
+        if float((av - new * v).norm()) / scale < tol / 10:
+            break
+        shifted = av - shift * v  # (A - shift I) v on the complement of `found`
         norm = shifted.norm()
         if norm == 0:  # v is an exact eigenvector of A - shift*I with eigenvalue 0
-            return _Stage(value, v, residual, 0.0, it, True)
-        v = shifted / norm
-        if change < tol:
             break
-    return _Stage(value, v, residual, change, it, change < tol)
+        v = shifted / norm
+    return _Stage(value, v, residual, change, it, residual < tol)
 
 
 def power_iteration(matvec: Matvec, dim: int, k: int = 1, max_iter: int = 100, tol: float = 1e-4, seed: int = 0,
@@ -130,9 +138,11 @@ def power_iteration(matvec: Matvec, dim: int, k: int = 1, max_iter: int = 100, t
     Plain power iteration finds the eigenvalue of largest MAGNITUDE. When that one is negative (a saddle whose
     negative curvature dominates), the stage is rerun on A - lambda*I, which is positive semi-definite on the
     remaining subspace, so the result is always the largest ALGEBRAIC eigenvalue. Each further eigenvalue is found
-    on the orthogonal complement of the previous eigenvectors. Stops a stage when the Rayleigh quotient changes by
-    less than `tol` (relative) or after `max_iter` products; slow when the top two eigenvalues are close (prefer
-    `lanczos`).
+    on the orthogonal complement of the previous eigenvectors. A stage stops when its pair's relative residual
+    ||A v - lambda v|| / |lambda| is below `tol` (then A has an eigenvalue within tol * |lambda| of lambda), or after
+    `max_iter` products; slow when the top two eigenvalues are close (prefer `lanczos`). The eigenvalues are
+    returned in descending order. `converged` means: every stage reached its residual, and the stages found their
+    values in descending order (a later stage finding a larger value shows an earlier one missed it).
     """
     _check_k(k, dim)
     device = torch.device(device)
@@ -147,14 +157,16 @@ def power_iteration(matvec: Matvec, dim: int, k: int = 1, max_iter: int = 100, t
             stage = again
         stages.append(stage)
         found = torch.cat([found, stage.vector[None]])
+    in_order = all(b.value <= a.value + tol * abs(a.value) for a, b in zip(stages, stages[1:]))
+    order = sorted(range(k), key=lambda i: -stages[i].value)
     return EigenEstimate(
-        eigenvalues=[s.value for s in stages],
-        residuals=[s.residual for s in stages],
-        relative_changes=[s.change for s in stages],
+        eigenvalues=[stages[i].value for i in order],
+        residuals=[stages[i].residual for i in order],
+        relative_changes=[stages[i].change for i in order],
         iterations=sum(s.iterations for s in stages),
-        converged=all(s.converged for s in stages),
+        converged=in_order and all(s.converged for s in stages),
         method="power",
-        eigenvectors=found,
+        eigenvectors=found[order],
     )
 
 
@@ -234,8 +246,11 @@ def lanczos(matvec: Matvec, dim: int, k: int = 1, max_iter: int = 100, tol: floa
 def hutchinson_trace(matvec: Matvec, dim: int, max_samples: int = 200, min_samples: int = 10, rtol: float = 1e-2,
                      seed: int = 0, dtype: torch.dtype = torch.float32,
                      device: torch.device | str = "cpu") -> TraceEstimate:
-    """tr(A) ~ mean of v^T A v over Rademacher probes v (unbiased), until std_error <= rtol * |mean|.
+    """tr(A) ~ mean of v^T A v over Rademacher probes v (unbiased), until 2 * std_error <= rtol * |mean|.
 
+    The standard error is estimated from the probes, so stopping on it is a statistical statement: `converged` means
+    the ~95% confidence interval (two standard errors) is within rtol of the estimate, i.e. the relative error
+    exceeds rtol about once in 20 runs (less often with more min_samples, whose estimate of the spread is steadier).
     The variance of one probe is 2 * sum_{i != j} A_ij^2: zero for a diagonal A, so the estimate is exact there.
     """
     if min_samples < 2 or max_samples < min_samples:
@@ -250,9 +265,9 @@ def hutchinson_trace(matvec: Matvec, dim: int, max_samples: int = 200, min_sampl
         if len(values) >= min_samples:
             samples = torch.tensor(values, dtype=torch.float64)
             mean, std_error = float(samples.mean()), float(samples.std() / math.sqrt(len(values)))
-            if std_error <= rtol * abs(mean):
+            if 2 * std_error <= rtol * abs(mean):
                 break
-    return TraceEstimate(mean, std_error, len(values), std_error <= rtol * abs(mean), rtol)
+    return TraceEstimate(mean, std_error, len(values), 2 * std_error <= rtol * abs(mean), rtol)
 
 
 # -- model-level wrappers --------------------------------------------------------------------------------------------

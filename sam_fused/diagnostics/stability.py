@@ -15,7 +15,8 @@ mean-square stable iff its spectral radius is below 1. Three criteria, cheapest 
   no curvature neither grow nor decay and only the range of H matters: the operator is built on range(H) (r^2 x r^2
   for rank r, not d^2 x d^2), with sum_i A_i (x) A_i formed by one einsum (never n Kronecker products). It is
   symmetric, so its spectral radius is its largest |eigenvalue| (eigvalsh).
-* coherence (sufficient for divergence): with S_ij = sqrt(tr(H_i H_j)) and sigma = lambda_max(S) / max_i
+* coherence (sufficient for divergence; Dexter et al.'s restatement of a sufficient condition for the same
+  mean-square divergence, not a different notion): with S_ij = sqrt(tr(H_i H_j)) and sigma = lambda_max(S) / max_i
   lambda_max(H_i), SGD diverges when (eta/sigma)^2 (n/B - 1) lambda_max(H)^2 > 1. (Why it implies the exact
   criterion: lambda_max(sum_i H_i) <= lambda_max(S), so the condition gives eta^2 (n/B-1)/n^2 max_i
   lambda_max(H_i)^2 > 1, and the noise term alone reaches that along the top eigenvector of the sharpest H_i.)
@@ -164,6 +165,14 @@ def mean_square_spectral_radius(hessians: torch.Tensor | Family, lr: float, batc
 class StabilityVerdict:
     """Is SGD (learning rate lr, expected batch size B) linearly stable at this minimum, and by which criterion.
 
+    What "stable" means here: MEAN-SQUARE stability of the LINEARIZED iteration, with each example drawn independently
+    with probability B/n (Bernoulli sampling, batch size B on average). "Unstable" says the second moment of the
+    linearized iterates grows; it does not say that a given run diverges: real runs (fixed-size batches, drawn with or
+    without replacement, finitely many steps, a nonlinear loss) often stay bounded where it says unstable, and
+    with-replacement sampling has another noise factor, which can flip the verdict near the threshold. The coherence
+    criterion is no separate notion: it restates (Dexter et al.) a sufficient condition for this same mean-square
+    divergence in terms of the Hessians' coherence sigma.
+
     stable: True / False, or None when no criterion decides (the exact radius was skipped and the coherence
     condition, which is only sufficient for divergence, does not hold).
     criterion: "exact" (mean-square spectral radius), "gd_bound" (eta lambda_max(H) >= 2 diverges for every B; for
@@ -186,9 +195,10 @@ class StabilityVerdict:
     negative_curvature: float
 
     def __str__(self) -> str:
-        state = {True: "stable", False: "unstable", None: "undetermined"}[self.stable]
+        state = {True: "mean-square stable", False: "mean-square unstable", None: "undetermined"}[self.stable]
         by = "" if self.stable is None else f" by {self.criterion}"
-        return f"SGD(lr={self.lr:g}, B={self.batch_size:g}, n={self.num_examples}): {state}{by}: {self.reason}"
+        return (f"SGD(lr={self.lr:g}, B={self.batch_size:g}, n={self.num_examples}, linearized, Bernoulli(B/n) "
+                f"sampling): {state}{by}: {self.reason}")
 
 
 def stability_verdict(hessians: torch.Tensor, lr: float, batch_size: float, exact: bool | str = "auto",
