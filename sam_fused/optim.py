@@ -86,8 +86,8 @@ def _check_distinct(groups: list[dict[str, Any]]) -> None:
                 raise ValueError(f"{name} is listed twice (first at param_groups[{seen[id(p)][0]}]['params']"
                                  f"[{seen[id(p)][1]}]); SAM would perturb it twice: pass each parameter once")
             seen[id(p)] = (gi, pi)
-            if isinstance(p, DTensor) or p.numel() == 0 or p.device.type == "meta":
-                continue
+            if isinstance(p, DTensor) or p.layout != torch.strided or p.device.type == "meta" or p.numel() == 0:
+                continue  # no plain storage to compare (sharded, sparse, not materialized) or nothing to overlap
             extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
             start = p.storage_offset() * p.element_size()
             spans[p.untyped_storage().data_ptr()].append((start, start + extent * p.element_size(), name))
