@@ -40,7 +40,7 @@ def check_lists(
 ) -> None:
     """Every list in `others` (None entries skipped) must match `primary` tensor by tensor: length, device, dtype and
     shape, with an extra leading dim lead[name] for the lists named in `lead`. The lists named in `written` are
-    written in place: their tensors must not overlap themselves. Everything is checked before any op writes."""
+    written in place: their tensors must not be expanded views. Everything is checked before any op writes."""
     lead = lead or {}
     n = len(primary)
     for name, ts in others.items():
@@ -75,6 +75,7 @@ def check_sliced(grads: Sequence[torch.Tensor], k: int) -> None:
 
 # The lists each mutating op writes in place (the Triton ops pass the same names).
 PERTURB_WRITES, RESTORE_WRITES, FSAM_WRITES = ("params", "backups"), ("params",), ("grads", "ema")
+RESTORE_SGD_WRITES = ("params", "momentum_buffers")
 
 # The list checks of each op, called by the reference ops and by the fake (meta) impls of sam_fused/_registry.py:
 # a call the dispatcher routes to the fakes (a meta tensor in a list) must fail like any other mismatched call.
@@ -113,4 +114,4 @@ def check_restore_sgd(params: Sequence[torch.Tensor], backups: Sequence[torch.Te
                          "(one per param when momentum != 0)")
     check_lists("params", params, {"backups": backups, "grads": grads,
                                    "momentum_buffers": momentum_buffers if momentum != 0.0 else None},
-                written=("params", "momentum_buffers"))
+                written=RESTORE_SGD_WRITES)
