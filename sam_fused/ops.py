@@ -59,8 +59,11 @@ def _check_k(micro_batches: int) -> None:
         raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
 
 
+FP32_MAX = torch.finfo(torch.float32).max  # scalars reach the kernels as fp32: beyond it they become inf
+
+
 def _check_rho(rho: float) -> None:
-    if not 0.0 <= rho <= torch.finfo(torch.float32).max:  # the kernels scale in fp32: inf would write inf weights
+    if not 0.0 <= rho <= FP32_MAX:  # an inf rho would write inf weights
         raise ValueError(f"rho must be a finite number >= 0 within the fp32 range, got {rho}")
 
 

@@ -103,27 +103,23 @@ def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return part if total is None else total + part.to(total.device, non_blocking=True)
 
 
-FP32_MAX = torch.finfo(torch.float32).max  # the kernels take rho, eta, sigma as fp32 scalars
+# name: (lowest, highest, what the error says). rho, eta and sigma reach the kernels as fp32 scalars.
+_HYPER_RANGES = {
+    "rho": (0.0, ops.FP32_MAX, f"a finite number >= 0 (at most {ops.FP32_MAX:.4g}, the fp32 range)"),
+    "eta": (0.0, ops.FP32_MAX, f"a finite number >= 0 (at most {ops.FP32_MAX:.4g}, the fp32 range)"),
+    "sigma": (-ops.FP32_MAX, ops.FP32_MAX, "a finite number"),
+    "lmbda": (0.0, 1.0, "a number in [0, 1]"),
+}
 
 
 def _check_hyper(group: dict[str, Any], where: str = "param group") -> None:
     """A ValueError naming the first bad SAM hyperparameter of `group` (what the kernels could not use exactly)."""
-
-    def bad(key: str, rule: str) -> ValueError:
-        return ValueError(f"{where}: {key} must be {rule}, got {group[key]!r}")
-
-    for key in ("rho", "eta"):
+    for key, (lo, hi, rule) in _HYPER_RANGES.items():
+        if key not in group:  # sigma / lmbda: F-SAM only
+            continue
         value = group[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= FP32_MAX:
-            raise bad(key, f"a finite number >= 0 (at most {FP32_MAX:.4g}, the fp32 range)")
-    if "sigma" in group:
-        value = group["sigma"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -FP32_MAX <= value <= FP32_MAX:
-            raise bad("sigma", "a finite number")
-    if "lmbda" in group:
-        value = group["lmbda"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise bad("lmbda", "a number in [0, 1]")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise ValueError(f"{where}: {key} must be {rule}, got {value!r}")
 
 
 class SAM(torch.optim.Optimizer):
