@@ -4,8 +4,8 @@
 # accepts them; a machine without a GPU can still run the whole compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX ->
 # cubin, with the ptxas bundled in the triton wheel) for a chosen target. This module does that for every
 # specialization the ops launch, and checks properties of the generated PTX that the numerics rely on:
-#   * IEEE-rounded sqrt and division in the perturbation scale (sqrt.rn.f32, div.rn.f32), not the approximate ones;
-#   * no contracted multiply-add (fma.*.f32): launches use enable_fp_fusion=False to round like the reference;
+#   * IEEE-rounded fp64 sqrt and division in the perturbation scale (sqrt.rn.f64, div.rn.f64), no approximate ones;
+#   * no contracted multiply-add (fma.*.f32/f64): launches use enable_fp_fusion=False to round like the reference;
 #   * no atomics (atom./red.) anywhere: reductions are the deterministic two-stage kind.
 # Usage: python -m sam_fused.kernels.aot [--arch 80] (must run WITHOUT TRITON_INTERPRET=1).
 from __future__ import annotations
@@ -23,8 +23,8 @@ from . import fsam, norm, perturb
 from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, REDUCE_BLOCK, STORAGE
 
 _TABLES = {"numels", "unit_tensor", "unit_offset"}
-_FP32_PTRS = {"partials", "out", "sumsq"}
-_FLOATS = {"rho", "eps", "eta", "sigma", "lmbda", "one_minus_lmbda"}
+_FP64_PTRS = {"partials", "out", "sumsq"}  # sums of squares are fp64
+_FLOATS = {"eta", "sigma", "lmbda", "one_minus_lmbda"}  # fp32; rho and eps are annotated tl.float64 in the kernels
 
 
 def _signature(fn: triton.JITFunction) -> dict[str, str]:
@@ -32,10 +32,12 @@ def _signature(fn: triton.JITFunction) -> dict[str, str]:
     for p in fn.params:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
+        elif p.annotation:
+            sig[p.name] = p.annotation  # the kernel's own type, e.g. fp64
         elif p.name.endswith("_addrs") or p.name in _TABLES:
             sig[p.name] = "*i64"
-        elif p.name in _FP32_PTRS:
-            sig[p.name] = "*fp32"
+        elif p.name in _FP64_PTRS:
+            sig[p.name] = "*fp64"
         elif p.name == "num_units":
             sig[p.name] = "i32"
         elif p.name in _FLOATS:
@@ -67,12 +69,14 @@ def specializations() -> Iterator[tuple[str, triton.JITFunction, dict]]:
 def check_ptx(label: str, constexprs: dict, ptx: str) -> list[str]:
     """Problems found in one kernel's PTX (empty when fine)."""
     problems = []
-    if re.search(r"\bfma\.[a-z.]*f32\b", ptx):
-        problems.append(f"{label}: contracted fma.f32 in the PTX (enable_fp_fusion=False not applied)")
+    if re.search(r"\bfma\.[a-z.]*f(32|64)\b", ptx):
+        problems.append(f"{label}: contracted fma in the PTX (enable_fp_fusion=False not applied)")
     if re.search(r"\b(atom|red)\.", ptx):
         problems.append(f"{label}: atomics in the PTX")
-    if constexprs.get("NORMALIZE") and not ("sqrt.rn.f32" in ptx and "div.rn.f32" in ptx):
-        problems.append(f"{label}: scale not computed with sqrt.rn.f32 / div.rn.f32")
+    if constexprs.get("NORMALIZE") and not ("sqrt.rn.f64" in ptx and "div.rn.f64" in ptx):
+        problems.append(f"{label}: scale not computed with sqrt.rn.f64 / div.rn.f64")
+    if re.search(r"\b(sqrt|div|rcp|rsqrt)\.approx\b", ptx):
+        problems.append(f"{label}: approximate sqrt/division in the PTX")
     return problems
 
 

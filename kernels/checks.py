@@ -66,7 +66,8 @@ def _check_primary(name: str, primary: Sequence[torch.Tensor]) -> torch.device |
 
 
 def check_sumsq(sumsq: object, device: torch.device, numel: int | None, op: str) -> torch.Tensor:
-    """sumsq as a contiguous fp32 vector on `device` (a no-op for the usual fp32 input; never a host sync)."""
+    """sumsq as a contiguous fp64 vector on `device` (a no-op for grad_sumsq's own fp64 result; never a host sync):
+    the kernels compute the scale from it in fp64."""
     if not isinstance(sumsq, torch.Tensor):
         raise TypeError(f"{op}: sumsq must be a tensor, got {type(sumsq).__name__}")
     if not sumsq.is_floating_point():
@@ -76,7 +77,7 @@ def check_sumsq(sumsq: object, device: torch.device, numel: int | None, op: str)
     if sumsq.numel() < 1 or (numel is not None and sumsq.numel() != numel):
         want = "at least 1 element" if numel is None else f"{numel} elements (one per micro-batch)"
         raise ValueError(f"{op}: sumsq has {sumsq.numel()} elements, expected {want}")
-    return sumsq.reshape(-1).to(torch.float32).contiguous()
+    return sumsq.reshape(-1).to(torch.float64).contiguous()
 
 
 def check_micro_batches(micro_batches: object) -> int:

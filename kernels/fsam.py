@@ -3,7 +3,8 @@
 # What (official F-SAM order, sam_fused/reference.py):
 #   first step:  ema <- g (raw bits), d = g (grads unchanged)
 #   later steps: d = g - sigma * m_prev; m = lmbda * m_prev + (1 - lmbda) * g; grads <- d; ema <- m
-# and returns fp32 [1] = sum of (T * d)^2 with T = |w| + eta when params are given (else 1).
+# and returns fp64 [1] = sum of (T * d)^2 with T = |w| + eta when params are given (else 1), squared and summed in
+# fp64 as in norm.py.
 # Why fused: the norm of the direction is needed next (perturb_), so it is accumulated while d is in registers,
 # saving a full pass over the gradients. It is taken of the STORED d (rounded to the storage dtype), exactly like the
 # reference, which computes grad_sumsq of the updated grads. Per-program partials + the fixed-order combine of
@@ -30,7 +31,7 @@ def _fsam_kernel(g_addrs, m_addrs, p_addrs, numels, unit_tensor, unit_offset, pa
     j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
     g_ptr = tensor_ptr(g_addrs, t, IT)
     m_ptr = tensor_ptr(m_addrs, t, IT)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -45,10 +46,11 @@ def _fsam_kernel(g_addrs, m_addrs, p_addrs, numels, unit_tensor, unit_offset, pa
             tl.store(g_ptr + offs, d_bits, mask=mask)
             tl.store(m_ptr + offs, f32_to_bits(m * lmbda + g * one_minus_lmbda, DT), mask=mask)
             d = bits_to_f32(d_bits, DT)  # the stored, rounded direction
+        x = d.to(tl.float64)
         if HAS_T:
             w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT) + offs, mask=mask, other=0), DT)
-            d = d * (tl.abs(w) + eta)
-        acc += d * d
+            x = x * (tl.abs(w) + eta).to(tl.float64)
+        acc += x * x
     tl.store(partials + pid, tl.sum(acc, axis=0))
 
 
@@ -61,10 +63,10 @@ def fsam_direction_(
     params: list[torch.Tensor] | None = None,
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """F-SAM direction in place (grads <- d, ema updated); returns fp32 [1] sum of (T * d)^2 of the stored d."""
+    """F-SAM direction in place (grads <- d, ema updated); returns fp64 [1] sum of (T * d)^2 of the stored d."""
     device = check_lists("grads", grads, {"ema": ema, "params": params}, written=_shared.FSAM_WRITES)
     if device is None:
-        return torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else torch.device("cpu"))
+        return torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else torch.device("cpu"))
     total = None
     for dtype, idx in by_dtype(grads).items():
         g, m = Staged(grads, idx), Staged(ema, idx)
@@ -73,7 +75,7 @@ def fsam_direction_(
         plan = get_plan(lists, [t.numel() for t in g.tensors], device)
         if plan.num_units:
             dt, it = STORAGE[dtype]
-            partials = torch.empty(plan.num_units, dtype=torch.float32, device=device)
+            partials = torch.empty(plan.num_units, dtype=torch.float64, device=device)
             _fsam_kernel[(plan.num_units,)](
                 plan.addr(0), plan.addr(1), plan.addr(2 if p is not None else 0), plan.numels, plan.unit_tensor,
                 plan.unit_offset, partials, plan.num_units,
@@ -82,7 +84,7 @@ def fsam_direction_(
             )
             part = reduce_partials(partials, 1, plan.num_units)
         else:
-            part = torch.zeros(1, dtype=torch.float32, device=device)
+            part = torch.zeros(1, dtype=torch.float64, device=device)
         g.write_back()
         m.write_back()
         total = part if total is None else total + part

@@ -1,11 +1,12 @@
 # norm.py — grad_sumsq in Triton: sum over a list of tensors of (T * g)^2, per micro-batch slice, in one launch.
 #
 # What: grads are [k, *p.shape] (k = micro_batches; plain [*p.shape] when k = 1); T = |w| + eta when params are given
-# (broadcast over the k slices), else 1. Result: fp32 [k] on the tensors' device.
+# (broadcast over the k slices), else 1. Result: fp64 [k] on the tensors' device. Each term is squared in fp64
+# (T is computed in fp32, as perturb_ uses it, then g * T in fp64), so no finite gradient overflows the sum.
 # How, and why this way: a deterministic two-stage reduction, no float atomics (docs/DESIGN.md section 5).
 #   stage 1 (_sumsq_partials): program pid = j * P + u sums its work unit (tensor, CHUNK elements) of slice j in an
-#           fp32 vector accumulator, reduces it with tl.sum and writes partials[pid];
-#   stage 2 (combine_partials): program j adds partials[j * P : (j + 1) * P] in a fixed order.
+#           fp64 vector accumulator, reduces it with tl.sum and writes partials[pid] (fp64);
+#   stage 2 (combine_partials): program j adds partials[j * P : (j + 1) * P] in a fixed order, in fp64.
 # The partition into work units depends only on the shapes, so the result is the same bits on every run.
 # combine_partials is also used by fsam.py.
 from __future__ import annotations
@@ -28,14 +29,14 @@ def _sumsq_partials(g_addrs, p_addrs, numels, unit_tensor, unit_offset, partials
     pid = tl.program_id(0)
     j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
     g_ptr = tensor_ptr(g_addrs, t, IT) + j * n  # slice j of grads[t]
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = bits_to_f32(tl.load(g_ptr + offs, mask=mask, other=0), DT)
+        x = bits_to_f32(tl.load(g_ptr + offs, mask=mask, other=0), DT).to(tl.float64)
         if HAS_T:
             w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT) + offs, mask=mask, other=0), DT)
-            x = x * (tl.abs(w) + eta)
+            x = x * (tl.abs(w) + eta).to(tl.float64)
         acc += x * x
     tl.store(partials + pid, tl.sum(acc, axis=0))
 
@@ -44,7 +45,7 @@ def _sumsq_partials(g_addrs, p_addrs, numels, unit_tensor, unit_offset, partials
 def combine_partials(partials, out, num_units, REDUCE_BLOCK: tl.constexpr):
     """out[j] = sum of partials[j * num_units : (j + 1) * num_units], in a fixed order."""
     j = tl.program_id(0)
-    acc = tl.zeros([REDUCE_BLOCK], dtype=tl.float32)
+    acc = tl.zeros([REDUCE_BLOCK], dtype=tl.float64)
     for s in range(0, num_units, REDUCE_BLOCK):
         offs = s + tl.arange(0, REDUCE_BLOCK)
         acc += tl.load(partials + j * num_units + offs, mask=offs < num_units, other=0.0)
@@ -52,8 +53,8 @@ def combine_partials(partials, out, num_units, REDUCE_BLOCK: tl.constexpr):
 
 
 def reduce_partials(partials: torch.Tensor, k: int, num_units: int) -> torch.Tensor:
-    """Stage 2: fp32 [k] from the k * num_units partial sums."""
-    out = torch.empty(k, dtype=torch.float32, device=partials.device)
+    """Stage 2: fp64 [k] from the k * num_units fp64 partial sums."""
+    out = torch.empty(k, dtype=torch.float64, device=partials.device)
     combine_partials[(k,)](partials, out, num_units, REDUCE_BLOCK=REDUCE_BLOCK, **LAUNCH_OPTIONS)
     return out
 
@@ -61,14 +62,14 @@ def reduce_partials(partials: torch.Tensor, k: int, num_units: int) -> torch.Ten
 def grad_sumsq(
     grads: list[torch.Tensor], params: list[torch.Tensor] | None = None, eta: float = 0.0, micro_batches: int = 1
 ) -> torch.Tensor:
-    """fp32 [k]: sum over tensors of (T * g)^2 per micro-batch slice; T = |params| + eta if params is given."""
+    """fp64 [k]: sum over tensors of (T * g)^2 per micro-batch slice; T = |params| + eta if params is given."""
     k = check_micro_batches(micro_batches)
     if params is not None:
         device = check_lists("params", params, {"grads": grads}, lead={"grads": k} if k > 1 else None)
     else:
         device = check_sliced(grads, k)
     if device is None:
-        return torch.zeros(k, dtype=torch.float32, device=grads[0].device if grads else torch.device("cpu"))
+        return torch.zeros(k, dtype=torch.float64, device=grads[0].device if grads else torch.device("cpu"))
     total = None
     for dtype, idx in by_dtype(grads).items():
         part = _bucket(grads, params, idx, float(eta), k, dtype, device)
@@ -84,9 +85,9 @@ def _bucket(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None
     lists = [g] if p is None else [g, p]
     plan = get_plan(lists, [t.numel() // k for t in g], device)
     if plan.num_units == 0:  # only empty tensors
-        return torch.zeros(k, dtype=torch.float32, device=device)
+        return torch.zeros(k, dtype=torch.float64, device=device)
     dt, it = STORAGE[dtype]
-    partials = torch.empty(k * plan.num_units, dtype=torch.float32, device=device)
+    partials = torch.empty(k * plan.num_units, dtype=torch.float64, device=device)
     _sumsq_partials[(k * plan.num_units,)](
         plan.addr(0), plan.addr(1 if p is not None else 0), plan.numels, plan.unit_tensor, plan.unit_offset,
         partials, plan.num_units, eta,

@@ -1,15 +1,21 @@
 # numerics.py — per-element building blocks shared by every Triton kernel of sam_fused.
 #
 # Why this file exists: all kernels must reproduce sam_fused/reference.py to the bit (same order of operations,
-# fp32 arithmetic, one rounding at the store), in compiled Triton on a GPU and in the Triton interpreter alike.
+# fp32 arithmetic on the elements, one rounding at the store), in compiled Triton on a GPU and in the Triton
+# interpreter alike.
 #   * Every tensor is accessed through its raw bits (uint16 for bf16/fp16, uint32 for fp32). Copies (backup, restore,
 #     the first F-SAM EMA) are therefore bit-exact by construction, NaN payloads included.
 #   * fp32 -> bf16 is rounded to nearest-even with integer ops, exactly as c10::BFloat16 does. The interpreter's own
 #     fp32 -> bf16 cast truncates, so the builtin cast would differ from torch by 1 ulp there; the integer version is
 #     identical on both sides. fp32 -> fp16 uses the builtin cast (IEEE round-to-nearest-even everywhere).
-#   * sqrt and the division of the perturbation scale are the IEEE-rounded versions (tl.sqrt_rn, tl.div_rn): the
-#     default `/` and tl.sqrt of compiled Triton are approximate. Kernels are launched with enable_fp_fusion=False
-#     (see LAUNCH_OPTIONS) so `w + scale * d` is not contracted into an FMA: the reference rounds after the multiply.
+#   * Sums of squares are fp64 (terms, partials and the fixed-order combine): squared in fp32, any |g| > 1.8e19 made
+#     the sum inf and skipped the step; in fp64 a finite fp32 gradient always has a finite sum (g^2 <= 1.2e77).
+#   * The perturbation scale is computed in fp64 from that sum and rounded once to fp32, as the reference does. On
+#     fp64, tl.sqrt and `/` compile to the IEEE-rounded sqrt.rn.f64 / div.rn.f64 (kernels/aot.py checks the PTX;
+#     tl.sqrt_rn / tl.div_rn take only fp32). rho and eps are fp64 kernel arguments (annotated tl.float64: a plain
+#     float argument would be rounded to fp32).
+#   * Kernels are launched with enable_fp_fusion=False (see LAUNCH_OPTIONS) so `w + scale * d` is not contracted into
+#     an FMA: the reference rounds after the multiply.
 #   * Tile geometry: one program handles one work unit of CHUNK = BLOCK * ITERS elements of one tensor. ITERS = 1:
 #     a 4096-wide block per program suits these memory-bound kernels on a GPU, and it keeps the interpreter fast
 #     (it re-patches triton.language on every call of a nested @triton.jit helper, so calls per program are costly).
@@ -61,15 +67,16 @@ def f32_to_bits(x, DT: tl.constexpr):
 
 @triton.jit
 def perturb_scale(sumsq_ptr, j, rho, eps, NORMALIZE: tl.constexpr):
-    """(scale, finite) of micro-batch j from the device-resident sumsq: rho / (sqrt(sumsq[j]) + eps), or rho when
-    unnormalized; scale = 0 and finite = False when sumsq[j] is inf/NaN. Loaded in the kernel: no host sync."""
+    """(scale, finite) of micro-batch j from the device-resident fp64 sumsq: rho / (sqrt(sumsq[j]) + eps), or rho
+    when unnormalized, in fp64 and rounded once to fp32; scale = 0 and finite = False when sumsq[j] is inf/NaN.
+    Loaded in the kernel: no host sync. tl.full keeps rho and eps fp64 in the interpreter too, where they arrive as
+    Python floats (an fp64 tensor, as compiled, passes through unchanged)."""
     s = tl.load(sumsq_ptr + j)
     finite = tl.abs(s) < float("inf")
+    scale = tl.full([], rho, tl.float64)
     if NORMALIZE:
-        scale = tl.div_rn(tl.full([], rho, tl.float32), tl.sqrt_rn(s) + eps)
-    else:
-        scale = tl.full([], rho, tl.float32)
-    scale = tl.where(finite, scale, 0.0)
+        scale = scale / (tl.sqrt(s) + tl.full([], eps, tl.float64))
+    scale = tl.where(finite, scale, 0.0).to(tl.float32)
     return scale, finite
 
 

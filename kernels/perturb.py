@@ -5,8 +5,9 @@
 #   perturb_batched: out[j] <- w + scale_j * (t * t * g[j])   (new [k, *p.shape] tensors; w is not modified)
 #   restore_:        w <- backup (raw bits: bit-exact)
 # scale_j = rho / (sqrt(sumsq[j]) + eps) (rho when normalize=False) is computed inside the kernels from the
-# device-resident sumsq (no host sync). A non-finite sumsq[j] means non-finite gradients: perturb_ then leaves the
-# weights untouched (their stores are masked off; the backup is still written) and perturb_batched copies w.
+# device-resident fp64 sumsq (no host sync), in fp64, and rounded once to fp32 (numerics.perturb_scale). A non-finite
+# sumsq[j] means non-finite gradients: perturb_ then leaves the weights untouched (their stores are masked off; the
+# backup is still written) and perturb_batched copies w.
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -44,8 +45,8 @@ def _perturbed_bits(w_bits, g_bits, scale, eta, ADAPTIVE: tl.constexpr, DT: tl.c
 
 @triton.jit
 def _perturb_kernel(p_addrs, g_addrs, b_addrs, numels, unit_tensor, unit_offset, sumsq, num_units,
-                    rho, eps, eta, ADAPTIVE: tl.constexpr, NORMALIZE: tl.constexpr, DT: tl.constexpr,
-                    IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                    rho: tl.float64, eps: tl.float64, eta, ADAPTIVE: tl.constexpr, NORMALIZE: tl.constexpr,
+                    DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
     j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
     scale, finite = perturb_scale(sumsq, 0, rho, eps, NORMALIZE)
@@ -64,8 +65,9 @@ def _perturb_kernel(p_addrs, g_addrs, b_addrs, numels, unit_tensor, unit_offset,
 
 @triton.jit
 def _perturb_batched_kernel(p_addrs, g_addrs, o_addrs, numels, unit_tensor, unit_offset, sumsq, num_units,
-                            rho, eps, eta, ADAPTIVE: tl.constexpr, NORMALIZE: tl.constexpr, DT: tl.constexpr,
-                            IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                            rho: tl.float64, eps: tl.float64, eta, ADAPTIVE: tl.constexpr,
+                            NORMALIZE: tl.constexpr, DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr,
+                            ITERS: tl.constexpr):
     pid = tl.program_id(0)
     j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
     scale, finite = perturb_scale(sumsq, j, rho, eps, NORMALIZE)

@@ -10,8 +10,8 @@ A fake (meta) implementation per op lets ``torch.compile`` and ``opcheck`` trace
 the reference, since a meta tensor in any list routes a call to it.
 
 Shapes: ``p`` any shape; with ``k = micro_batches > 1`` every grad is ``[k, *p.shape]``.
-``sumsq`` is fp32 (fp64 when an input is fp64, which only the reference computes): ``[k]`` per micro-batch
-(``[1]`` for plain SAM).
+``sumsq`` is fp64 for every input dtype (terms squared in fp64: finite for any finite fp32 gradient): ``[k]`` per
+micro-batch (``[1]`` for plain SAM). The perturb ops take it in fp64 and compute the scale from it in fp64.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _device_of(tensors: list[torch.Tensor]) -> torch.device:
 
 def _fake_grad_sumsq(grads, params=None, eta=0.0, micro_batches=1):
     _checks.check_grad_sumsq(grads, params, micro_batches)
-    return torch.empty(micro_batches, dtype=reference.sumsq_dtype(grads), device=_device_of(grads))
+    return torch.empty(micro_batches, dtype=reference.SUMSQ_DTYPE, device=_device_of(grads))
 
 
 def _fake_perturb_(params, grads, backups, sumsq, rho, eps=1e-12, adaptive=False, eta=0.0, normalize=True):
@@ -78,7 +78,7 @@ def _fake_restore_(params, backups):
 
 def _fake_fsam_direction_(grads, ema, sigma, lmbda, first, params=None, eta=0.0):
     _checks.check_fsam(grads, ema, params)
-    return torch.empty(1, dtype=reference.sumsq_dtype(grads), device=_device_of(grads))
+    return torch.empty(1, dtype=reference.SUMSQ_DTYPE, device=_device_of(grads))
 
 
 def _fake_restore_sgd_(params, backups, grads, momentum_buffers, lr, weight_decay=0.0, momentum=0.0, dampening=0.0,

@@ -155,7 +155,7 @@ class _Step:
         self.anchor = torch.zeros((), device=device, requires_grad=True)
         self.leaves: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, its [k, *p] first-pass leaf)
         self.dense: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, per-micro-batch gradients [k, *p])
-        self.ghost: list[torch.Tensor] = []  # fp32 [k] sums of squares computed by the layers themselves
+        self.ghost: list[torch.Tensor] = []  # [k] sums of squares computed by the layers themselves
         self.scales: dict[int, torch.Tensor] = {}  # id(group) -> fp32 [k]
         self.perturbed: dict[torch.Tensor, torch.Tensor] = {}  # param -> w + e_j for every j, [k, *p]
         self.materialized_bytes = 0
@@ -180,8 +180,8 @@ class _Step:
                                       f"batch ({self.n} examples) along dim 0 of every layer input")
 
     def global_sumsq(self) -> torch.Tensor:
-        """fp32 [k]: the squared global norm ||T g_j||^2 of every micro-batch, over all groups and layers."""
-        total = torch.zeros(self.k, dtype=torch.float32, device=self.anchor.device)
+        """fp64 [k]: the squared global norm ||T g_j||^2 of every micro-batch, over all groups and layers."""
+        total = torch.zeros(self.k, dtype=reference.SUMSQ_DTYPE, device=self.anchor.device)
         for group, params, grads in self._dense_by_group():
             params_for_t = params if group["adaptive"] else None
             if self.k == 1:  # the op's k=1 form takes gradients shaped like their parameters
@@ -194,6 +194,9 @@ class _Step:
 
     def perturb(self, sumsq: torch.Tensor) -> None:
         """Per-group scales s_j, and the k perturbed copies of every densely handled parameter (one fused op)."""
+        if any(p.dtype == torch.float64 for p in self.group_of) and bool(torch.isinf(sumsq).any()):
+            # fp64 gradients past fp64's sum of squares: SAM._perturb's exact rescale lives on the sequential path
+            raise FastPathUnsupported("an fp64 micro-batch gradient norm overflows fp64 (above ~1.3e154)")
         for group in self.opt.param_groups:
             self.scales[id(group)] = micro_batch_scales(sumsq, group["rho"], group["normalize"])
         for group, params, grads in self._dense_by_group():
@@ -216,7 +219,7 @@ class _Step:
 
 def micro_batch_scales(sumsq: torch.Tensor, rho: float, normalize: bool) -> torch.Tensor:
     """s_j = rho / (sqrt(sumsq_j) + eps) (rho when not normalized); 0 where sumsq_j is not finite (no perturbation),
-    in fp32 and in the order of operations of the op layer's reference."""
+    computed in fp64 and rounded to fp32, in the order of operations of the op layer's reference."""
     return reference.perturb_scale(sumsq, rho, EPS, normalize)[0]
 
 
@@ -355,8 +358,8 @@ class _Embedding(_Layer):
         if group["adaptive"]:  # T = |w| + eta on the touched rows only: T^2 g stays sparse
             self.t = m.weight.detach()[self.keys % num_rows].float().abs() + group["eta"]
             direction = direction * self.t
-        sumsq = torch.zeros(k, dtype=torch.float32, device=direction.device)
-        sumsq.index_add_(0, self.keys // num_rows, direction.square().sum(dim=1))
+        sumsq = torch.zeros(k, dtype=reference.SUMSQ_DTYPE, device=direction.device)  # squared in fp64, like the ops
+        sumsq.index_add_(0, self.keys // num_rows, direction.to(sumsq.dtype).square().sum(dim=1))
         self.step.ghost.append(sumsq)
         self.mode = "embedding sparse rows"
 

@@ -48,10 +48,9 @@ def _pick(ts: Tensors | None, idx: list[int] | None) -> Tensors | None:
     return ts if ts is None or idx is None else [ts[i] for i in idx]
 
 
-def _sumsq_for(sumsq: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The sum of squares as a bucket's math needs it: fp64 for fp64 weights, fp32 for all others (a global sumsq is
-    fp64 when any weight of the model is)."""
-    return sumsq.to(device, torch.float64 if dtype == torch.float64 else torch.float32, non_blocking=True)
+def _sumsq_for(sumsq: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum of squares on a bucket's device, in fp64 (a no-op for grad_sumsq's own result on that device)."""
+    return sumsq.to(device, reference.SUMSQ_DTYPE, non_blocking=True)
 
 
 def _check_k(micro_batches: int) -> None:
@@ -70,13 +69,14 @@ def _check_rho(rho: float) -> None:
 def grad_sumsq(
     grads: Tensors, params: Tensors | None = None, eta: float = 0.0, micro_batches: int = 1, backend: str = "auto"
 ) -> torch.Tensor:
-    """fp32 [k]: sum over tensors of (T*g)^2 per micro-batch slice; T = |params| + eta if params is given, else 1."""
+    """fp64 [k]: sum over tensors of (T*g)^2 per micro-batch slice; T = |params| + eta if params is given, else 1.
+    Every term is squared in fp64, so the sum of any finite fp32/bf16/fp16 gradient is finite."""
     _check_k(micro_batches)
     k = micro_batches
     groups = _buckets("grads", grads, {"params": params})
     if not groups:
         device = grads[0].device if grads else torch.device("cpu")
-        return torch.zeros(k, dtype=torch.float32, device=device)
+        return torch.zeros(k, dtype=reference.SUMSQ_DTYPE, device=device)
     out = None
     for (device, dtype), idx in groups.items():
         op = op_table(choose(backend, device, dtype)).grad_sumsq
@@ -105,7 +105,7 @@ def perturb_(
         for (device, dtype), idx in _buckets("params", params, {"grads": grads, "backups": backups}).items():
             name = choose(backend, device, dtype)
             op_table(name).perturb_(_pick(params, idx), _pick(grads, idx), _pick(backups, idx),
-                                    _sumsq_for(sumsq, device, dtype), rho, eps, adaptive, eta, normalize)
+                                    _sumsq_for(sumsq, device), rho, eps, adaptive, eta, normalize)
             done.append((name, idx))
     except Exception:
         # Every backend validates a bucket before writing it, so only the buckets before the failing one were
@@ -131,7 +131,7 @@ def perturb_batched(
     out: Tensors = [None] * len(params)  # type: ignore[list-item]
     for (device, dtype), idx in _buckets("params", params, {"grads": grads}).items():
         op = op_table(choose(backend, device, dtype)).perturb_batched
-        res = op(_pick(params, idx), _pick(grads, idx), _sumsq_for(sumsq, device, dtype),
+        res = op(_pick(params, idx), _pick(grads, idx), _sumsq_for(sumsq, device),
                  rho, eps, adaptive, eta, normalize)
         for i, r in zip(range(len(params)) if idx is None else idx, res):
             out[i] = r
@@ -154,7 +154,7 @@ def fsam_direction_(
     eta: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """F-SAM direction in place (grads <- d, ema updated); returns fp32 [1] sum of (T*d)^2."""
+    """F-SAM direction in place (grads <- d, ema updated); returns fp64 [1] sum of (T*d)^2."""
     if not 0.0 <= lmbda <= 1.0:
         raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
     others = {"ema": ema} if params is None else {"ema": ema, "params": params}
@@ -164,7 +164,7 @@ def fsam_direction_(
         part = op(_pick(grads, idx), _pick(ema, idx), sigma, lmbda, first, _pick(params, idx), eta)
         out = part if out is None else out + part.to(out.device, non_blocking=True)
     if out is None:
-        return torch.zeros(1, dtype=torch.float32, device=grads[0].device if grads else "cpu")
+        return torch.zeros(1, dtype=reference.SUMSQ_DTYPE, device=grads[0].device if grads else "cpu")
     return out
 
 

@@ -19,7 +19,7 @@ import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from . import ops
 
 EPS = 1e-12
+# Gradients are multiplied by this (an exact power of two) when an fp64 sum of squares overflows (norm > ~1.3e154):
+# e = rho * g / ||g|| is unchanged by the rescale, and the rescaled sum fits in fp64 (see SAM._perturb).
+FP64_RESCALE_EXP = 600
 SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
 
 
@@ -38,7 +41,7 @@ class _Slot:
     """Parameters of one param group that have a gradient this step, with their gradients (local tensors).
 
     `shard_group` is set for parameters sharded across ranks (FSDP2 DTensors with Shard placements): their sums of
-    squares are partial and get all-reduced, as fp32 sums of squares (not norms), before the norm is taken.
+    squares are partial and get all-reduced, as fp64 sums of squares (not norms), before the norm is taken.
     """
 
     group: dict[str, Any]
@@ -231,11 +234,14 @@ class SAM(torch.optim.Optimizer):
                 if g is not None and g.is_complex():
                     raise TypeError(f"{where} is complex; sam_fused supports real floating-point parameters only")
 
-    def _direction_sumsq(self, slots: list[_Slot]) -> torch.Tensor | None:
-        """The global sum of (T * direction)^2 over all slots: fp32 [1] on the first slot's device."""
+    def _direction_sumsq(
+        self, slots: list[_Slot], slot_sumsq: Callable[[_Slot], torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """The global sum of (T * direction)^2 over all slots: fp64 [1] on the first slot's device. `slot_sumsq`
+        defaults to this optimizer's (F-SAM's turns the gradients into its direction first)."""
         total, sharded = None, {}
         for s in slots:
-            part = self._slot_sumsq(s)
+            part = (slot_sumsq or self._slot_sumsq)(s)
             if s.shard_group is None:
                 total = _add(total, part)
             else:
@@ -246,8 +252,24 @@ class SAM(torch.optim.Optimizer):
         return total
 
     def _slot_sumsq(self, s: _Slot) -> torch.Tensor:
-        """Sum of (T * g)^2 over one slot. SAM's direction is g itself."""
+        """Sum of (T * direction)^2 over one slot. SAM's direction is g itself."""
+        return self._grad_sumsq(s)
+
+    def _grad_sumsq(self, s: _Slot) -> torch.Tensor:
+        """Sum of (T * g)^2 over one slot's gradients as they are."""
         return ops.grad_sumsq(s.grads, s.params if s.group["adaptive"] else None, s.group["eta"], backend=self.backend)
+
+    @staticmethod
+    def _fp64_overflow(slots: list[_Slot], sumsq: torch.Tensor) -> bool:
+        """True when fp64 gradients' sum of squares overflowed fp64 (norm > ~1.3e154): finite fp32/bf16/fp16
+        gradients cannot do that (their squares are summed in fp64), an inf gradient gives inf again after the
+        rescale. Only models with fp64 gradients pay the host read it takes; under CUDA-graph capture it cannot be
+        read, and such a step is skipped as if non-finite (docs/DESIGN.md section 5)."""
+        if not any(g.dtype == torch.float64 for s in slots for g in s.grads):
+            return False
+        if sumsq.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        return bool(torch.isinf(sumsq).any())
 
     def _backups_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -266,13 +288,18 @@ class SAM(torch.optim.Optimizer):
         sumsq = self._direction_sumsq(slots)
         if sumsq is None:
             return None
+        exp = 0
+        if self._fp64_overflow(slots, sumsq):  # the same e from gradients scaled by 2^-600 (exact), on copies
+            exp = FP64_RESCALE_EXP
+            slots = [replace(s, grads=torch._foreach_mul(s.grads, 2.0 ** -exp)) for s in slots]
+            sumsq = self._direction_sumsq(slots, self._grad_sumsq)  # F-SAM's direction is already in s.grads
         for s in slots:
             backups = self._backups_for(s.params)
             g = s.group
             ops.perturb_(s.params, s.grads, backups, sumsq, g["rho"], EPS, g["adaptive"], g["eta"], g["normalize"],
                          backend=self.backend)
             self._perturbed.append((s, backups))
-        return sumsq.sqrt().reshape(())  # 0-dim, like torch.nn.utils.clip_grad_norm_
+        return (sumsq.sqrt() * 2.0 ** exp).reshape(())  # 0-dim, like torch.nn.utils.clip_grad_norm_
 
     @torch.no_grad()
     def first_step(
@@ -283,7 +310,7 @@ class SAM(torch.optim.Optimizer):
         With ``grad_scaler`` the gradients are unscaled in place first, and non-finite gradients (the overflow the
         scaler will skip) leave the weights unperturbed and advance nothing (F-SAM's EMA stays as it was); telling
         them apart costs one host sync, like GradScaler.step. Returns the global norm of the perturbation direction as a
-        0-dim fp32 device tensor, like ``torch.nn.utils.clip_grad_norm_`` (inf/nan when the perturbation was skipped;
+        0-dim fp64 device tensor, like ``torch.nn.utils.clip_grad_norm_`` (inf/nan when the perturbation was skipped;
         reading it synchronizes, so only read if needed), or None when no parameter has a gradient.
         """
         self._check_groups()
@@ -294,7 +321,7 @@ class SAM(torch.optim.Optimizer):
                 found_inf = self._unscale(slots, grad_scaler)
             if found_inf is not None and bool(found_inf):  # a host sync, as GradScaler.step makes one
                 # The step the scaler will skip: no perturbation and nothing else advanced (F-SAM's EMA).
-                self.last_grad_norm = torch.full((), float("inf"), device=found_inf.device)
+                self.last_grad_norm = torch.full((), float("inf"), dtype=torch.float64, device=found_inf.device)
             else:
                 self.last_grad_norm = self._perturb(slots)
         except Exception:

@@ -2,12 +2,16 @@
 
 Every fused backend is validated against these functions. They favour clarity over speed, but use
 ``torch._foreach_*`` where the math is elementwise so that they are a reasonable fallback. Arithmetic is in fp32
-whatever the storage dtype, except fp64 tensors, which are computed in fp64 (norm, scale, update, EMA; grad_sumsq
-then returns fp64); results are rounded to the storage dtype once, at the store.
+whatever the storage dtype, except fp64 tensors, which are computed in fp64 (update, EMA); results are rounded to the
+storage dtype once, at the store. Sums of squares are fp64 for every dtype: each term g (or g * t) is taken to fp64
+and squared there, so a finite fp32/bf16/fp16 gradient always has a finite norm; the scale is computed in fp64 from
+it and rounded once to the weights' math dtype.
 
 Canonical per-element formulas (the compiled kernels use the same order of operations, csrc/shared/sam_math.h):
-    t     = |w| + eta                   (adaptive only; t = 1 otherwise)
-    scale = rho / (sqrt(sumsq) + eps)   (scale = rho when normalize=False); 0 if sumsq is not finite
+    t     = |w| + eta                   (adaptive only; t = 1 otherwise; in the weights' math dtype)
+    sumsq = sum of (double(g) * double(t))^2, in fp64
+    scale = rho / (sqrt(sumsq) + eps)   in fp64, then rounded to the math dtype (scale = rho when normalize=False);
+                                        0 if sumsq is not finite
     w'    = w + scale * (t * t * g)     (w' = w when sumsq is not finite)
 """
 
@@ -26,9 +30,7 @@ def math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def sumsq_dtype(ts: Tensors) -> torch.dtype:
-    """grad_sumsq's result: fp64 when any input is fp64, else fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+SUMSQ_DTYPE = torch.float64  # grad_sumsq's and fsam_direction_'s result, for every input dtype
 
 
 def _wide(ts: Tensors) -> Tensors:
@@ -47,35 +49,27 @@ def _t_factor(params: Tensors, eta: float) -> Tensors:
     return torch._foreach_add(torch._foreach_abs(_wide(params)), eta)
 
 
-def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """fp32 sqrt, correctly rounded like the kernels' IEEE sqrtf. torch's fp32 CPU sqrt kernel is not on every CPU
-    (one ulp off, seen on an AVX-512 AMD EPYC); the float64 root of an fp32 value rounded to fp32 always is."""
-    return x.double().sqrt().float()
-
-
 def perturb_scale(sumsq: torch.Tensor, rho: float, eps: float, normalize: bool,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, finite) as device tensors of `dtype` (fp32, or fp64 for fp64 weights) shaped like sumsq; no host
-    sync."""
-    sumsq = sumsq.to(dtype)
+    sync. The scale is computed in fp64 and rounded once to `dtype`, as the kernels do."""
+    sumsq = sumsq.to(torch.float64)
     finite = torch.isfinite(sumsq)
     rho_t = torch.full_like(sumsq, rho)
-    root = sqrt_rn(sumsq) if dtype == torch.float32 else sumsq.sqrt()
-    scale = rho_t / (root + eps) if normalize else rho_t  # a true division (rho / t is rho * (1 / t))
-    return torch.where(finite, scale, torch.zeros_like(scale)), finite
+    scale = rho_t / (sumsq.sqrt() + eps) if normalize else rho_t  # a true division (rho / t is rho * (1 / t))
+    return torch.where(finite, scale, torch.zeros_like(scale)).to(dtype), finite
 
 
 def grad_sumsq(grads: Tensors, params: Tensors | None = None, eta: float = 0.0, micro_batches: int = 1) -> torch.Tensor:
     k = micro_batches
     _checks.check_grad_sumsq(grads, params, k)
     if not grads:
-        return torch.zeros(k, dtype=torch.float32)
-    xs = _wide(grads)
+        return torch.zeros(k, dtype=SUMSQ_DTYPE)
+    xs = [g.to(SUMSQ_DTYPE) for g in grads]  # exact for every storage dtype
     if params is not None:
-        t = _t_factor(params, eta)
+        t = [ti.to(SUMSQ_DTYPE) for ti in _t_factor(params, eta)]  # t rounded in the math dtype, as perturb_ uses it
         xs = torch._foreach_mul(xs, t) if k == 1 else [x * ti for x, ti in zip(xs, t)]  # t broadcasts over k
-    acc = sumsq_dtype(grads)
-    per_tensor = [x.reshape(k, -1).square().sum(dim=1).to(acc) for x in xs]  # [k] each: x as [k, n], per slice
+    per_tensor = [x.reshape(k, -1).square().sum(dim=1) for x in xs]  # [k] each: x as [k, n], per slice
     return torch.stack(per_tensor).sum(dim=0)
 
 

@@ -55,14 +55,17 @@ def test_baselines_match_op_layer(adaptive: bool, rho: float) -> None:
     original = [p.clone() for p in params]
     expected = _reference_perturbed(params, grads, rho, adaptive)
 
+    # The port takes the norm in fp32, the op layer in fp64: their scales may differ in the last bit, an error that
+    # grows with |e| (up to ~rho), hence the atol in proportion to rho.
+    atol = 1e-7 * max(1.0, rho / 5)
     old = baselines.loop_first_step(params, grads, rho, adaptive)
-    torch.testing.assert_close(params, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(params, expected, rtol=1e-6, atol=atol)
     baselines.loop_restore(params, old)
     assert all(torch.equal(p, o) for p, o in zip(params, original))
 
     backups = [torch.zeros_like(p) for p in params]
     baselines.foreach_first_step(params, grads, backups, rho, adaptive)
-    torch.testing.assert_close(params, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(params, expected, rtol=1e-6, atol=atol)
     baselines.foreach_restore(params, backups)
     assert all(torch.equal(p, o) for p, o in zip(params, original))
 

@@ -2,8 +2,9 @@
 
 Every op runs with backend="cpu" and backend="torch" on copies of the same random tensor lists (empty tensors, size 1,
 odd sizes, 4-D, > 65,536 elements, non-contiguous views) in fp32/bf16/fp16. fp32 must agree within 1e-6 relative,
-bf16/fp16 within one ulp of the storage dtype, backups and restores bit for bit, with plain and with streaming stores.
-Also: thread-count determinism, opcheck, non-finite and zero gradients, and invalid inputs raising instead of crashing.
+bf16/fp16 within one ulp of the storage dtype, sums of squares (fp64 for every dtype) within 1e-12 relative, backups
+and restores bit for bit, with plain and with streaming stores. Also: thread-count determinism, opcheck, non-finite and
+zero gradients, finite gradients whose squares overflow fp32, and invalid inputs raising instead of crashing.
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def assert_close_storage(actual: torch.Tensor, expected: torch.Tensor, what: str
 
 
 def assert_sums_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """fp32 sums of squares (any storage dtype): within 1e-6 relative; the two backends sum in different orders."""
-    assert actual.dtype == torch.float32 and actual.shape == expected.shape, what
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-12, msg=lambda m: f"{what}: {m}")
+    """fp64 sums of squares (any storage dtype): within 1e-6 relative, as the kernels sum 1024-element blocks in fp32
+    (in fp64 only where a block overflows fp32) and the reference sums fp64 terms."""
+    assert actual.dtype == expected.dtype == torch.float64 and actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0.0, msg=lambda m: f"{what}: {m}")
 
 
 def assert_bit_equal(actual: Tensors, expected: Tensors, what: str) -> None:
@@ -220,7 +222,7 @@ def test_zero_gradients_give_zero_perturbation(dtype: torch.dtype) -> None:
     params, grads = _clone(original), [torch.zeros_like(p) for p in original]
     backups = [torch.empty_like(p) for p in params]
     sumsq = ops.grad_sumsq(grads, backend="cpu")
-    assert torch.equal(sumsq, torch.zeros(1))
+    assert torch.equal(sumsq, torch.zeros(1, dtype=torch.float64))
     ops.perturb_(params, grads, backups, sumsq, 0.05, adaptive=True, backend="cpu")
     assert_bit_equal(params, original, "params")
     k_grads = _grads(dtype, 2, lead=True)
@@ -249,6 +251,105 @@ def test_non_finite_gradients_give_no_perturbation(dtype: torch.dtype, bad: floa
     outs = ops.perturb_batched(original, k_grads, s, 0.05, backend="cpu")
     assert_bit_equal([o[1] for o in outs], original, "unperturbed slice")
     assert not torch.equal(outs[BIG][0], original[BIG])
+
+
+# Finite gradients whose squares overflow fp32 (|g| > ~1.8e19): the fp64 sums stay finite and the step is taken.
+# (dtype, gradient, weights, adaptive, eta, expected w' - w or None)
+_F32_MAX = torch.finfo(torch.float32).max
+HUGE = [
+    (torch.float32, [2e19, 0.0, 0.0], [1.0, 2.0, 3.0], False, 0.0, [0.05, 0.0, 0.0]),
+    (torch.float32, [1e20, 0.0, 0.0], [1.0, 2.0, 3.0], False, 0.0, [0.05, 0.0, 0.0]),
+    (torch.float32, [3e20, -4e20, 1.0], [1.0, 2.0, 3.0], False, 0.0, [0.03, -0.04, 0.0]),
+    (torch.float32, [_F32_MAX, -_F32_MAX, 1.0], [1.0, 2.0, 3.0], False, 0.0, None),  # sumsq 2.3e77
+    (torch.bfloat16, [1e20, 0.0, 0.0], [1.0, 2.0, 3.0], False, 0.0, [0.05, 0.0, 0.0]),
+    # ASAM, t * g = 1e25: w' - w = rho * t^2 g / |t g| = rho * t
+    (torch.float32, [1e15, 0.0, 0.0], [1e10, 1.0, -2.0], True, 0.01, [5e8, 0.0, 0.0]),
+    # ASAM, t * g = 1e40 beyond fp32 itself (t * t * g = inf in the fp32 update, on both backends)
+    (torch.float32, [1e30, 0.0, 0.0], [1e10, 1.0, -2.0], True, 0.01, None),
+]
+
+
+def _perturbed(backend: str, w: Tensors, g: Tensors, sumsq: torch.Tensor, adaptive: bool, eta: float) -> Tensors:
+    params, backups = _clone(w), [torch.empty_like(p) for p in w]
+    ops.perturb_(params, g, backups, sumsq, 0.05, 1e-12, adaptive, eta, backend=backend)
+    assert_bit_equal(backups, w, f"{backend} backups")
+    return params
+
+
+@pytest.mark.parametrize("dtype,grad,weights,adaptive,eta,delta", HUGE)
+def test_huge_finite_gradients_are_perturbed(dtype: torch.dtype, grad: list[float], weights: list[float],
+                                             adaptive: bool, eta: float, delta: list[float] | None) -> None:
+    g, w = [torch.tensor(grad).to(dtype)], [torch.tensor(weights).to(dtype)]
+    p = w if adaptive else None
+    sumsq = ops.grad_sumsq(g, p, eta, backend="torch")
+    assert torch.isfinite(sumsq).all()
+    assert_sums_close(ops.grad_sumsq(g, p, eta, backend="cpu"), sumsq, "sumsq")
+    got = _perturbed("cpu", w, g, sumsq, adaptive, eta)
+    assert_bit_equal(got, _perturbed("torch", w, g, sumsq, adaptive, eta), "params")
+    assert not torch.equal(got[0], w[0])
+    if delta is not None:
+        torch.testing.assert_close(got[0], (w[0].double() + torch.tensor(delta, dtype=torch.float64)).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adaptive,eta", ADAPTIVE)
+def test_huge_finite_gradients_batched_and_sliced(dtype: torch.dtype, adaptive: bool, eta: float) -> None:
+    """perturb_batched with one slice above the fp32 square range and one ordinary slice; grad_sumsq per slice over
+    several chunks (the huge value sits in the big tensor, whose sum spans chunks)."""
+    params, grads = _params(dtype), _grads(dtype, 2, lead=True)
+    grads[BIG][0].zero_()
+    grads[BIG][0, 70] = 2e19
+    p = params if adaptive else None
+    sumsq = ops.grad_sumsq(grads, p, eta, micro_batches=2, backend="torch")
+    assert torch.isfinite(sumsq).all() and sumsq[0] > 1e38
+    assert_sums_close(ops.grad_sumsq(grads, p, eta, micro_batches=2, backend="cpu"), sumsq, "sumsq")
+    got = ops.perturb_batched(params, grads, sumsq, 0.05, 1e-12, adaptive, eta, backend="cpu")
+    expected = ops.perturb_batched(params, grads, sumsq, 0.05, 1e-12, adaptive, eta, backend="torch")
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert_close_storage(a, e.contiguous(), f"out[{i}]")
+    # The huge slice moves element 70 by rho * t^2 g / |t g| = rho * t; the ordinary slice is perturbed as if alone.
+    w = params[BIG][70].double()
+    step = 0.05 * (w.abs() + eta if adaptive else 1.0)
+    torch.testing.assert_close(got[BIG][0, 70].double(), w + step, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               atol=0.0)
+    alone = ops.perturb_batched(params, [g[1:] for g in grads], sumsq[1:], 0.05, 1e-12, adaptive, eta, backend="cpu")
+    assert_bit_equal([o[1] for o in got], [o[0] for o in alone], "ordinary slice")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("adaptive,eta", ADAPTIVE)
+def test_huge_finite_fsam_direction(dtype: torch.dtype, first: bool, adaptive: bool, eta: float) -> None:
+    params, grads0, ema0 = _params(dtype), _grads(dtype), _grads(dtype, seed=2)
+    grads0[BIG][70], ema0[BIG][70] = 3e20, 1e20  # d = 3e20 - 0.7e20: squares beyond fp32 either way
+    grads0[3][5] = -1e30  # a vector tail element (7 elements: no full pack)
+    out = {}
+    for backend in ("cpu", "torch"):
+        grads, ema = _clone(grads0), _clone(ema0)
+        s = ops.fsam_direction_(grads, ema, 0.7, 0.6, first, params if adaptive else None, eta, backend=backend)
+        out[backend] = (grads, s)
+    (g_cpu, s_cpu), (_, s_ref) = out["cpu"], out["torch"]
+    assert torch.isfinite(s_cpu).all() and s_cpu.item() > 1e40  # above the fp32 range
+    assert_sums_close(s_cpu, s_ref, "sum of (T d)^2")
+    assert_sums_close(s_cpu, ops.grad_sumsq(g_cpu, params if adaptive else None, eta, backend="torch"), "stored d")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("adaptive,eta", ADAPTIVE)
+def test_non_finite_gradients_still_skip_the_step(dtype: torch.dtype, bad: float, adaptive: bool, eta: float) -> None:
+    """Widening to fp64 must not hide a genuinely non-finite gradient, also next to huge finite ones."""
+    original, grads = _params(dtype), _grads(dtype)
+    grads[BIG][70] = 1e4 if dtype == torch.float16 else 2e19
+    grads[BIG][100] = bad
+    p = original if adaptive else None
+    sumsq = ops.grad_sumsq(grads, p, eta, backend="cpu")
+    assert sumsq.dtype == torch.float64 and not torch.isfinite(sumsq).all()
+    assert torch.isnan(sumsq).all() == torch.isnan(ops.grad_sumsq(grads, p, eta, backend="torch")).all()
+    params, backups = _clone(original), [torch.empty_like(x) for x in original]
+    ops.perturb_(params, grads, backups, sumsq, 0.05, 1e-12, adaptive, eta, backend="cpu")
+    assert_bit_equal(params, original, "params")
+    assert_bit_equal(backups, original, "backups")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

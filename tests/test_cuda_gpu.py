@@ -7,11 +7,13 @@ launch planner). On a GPU they check, against the `torch` reference backend run 
     sizes, more than 65,536 elements, misaligned views (scalar path) beside aligned tensors (vector path),
     non-contiguous and channels_last tensors, lists long enough to need several launches;
   * restore_ bit-exact (NaN payloads, -0.0, infinities), perturb_ backups bit-exact, non-finite sumsq leaves w alone;
+  * fp64 sums of squares: finite (and a perturbation) for finite gradients whose squares overflow fp32, the scale
+    computed in fp64 and rounded once, a real inf/NaN gradient still skipping the step;
   * deterministic reductions, the current stream, input validation errors;
   * torch.library.opcheck on CUDA tensors;
   * a whole SAM step (first_step + second_step) captured in a CUDA graph, replayed, compared with eager execution.
-Tolerances: fp32 within 1e-6 relative for elementwise results (1e-5 for sums, whose order differs from the
-reference's), bf16/fp16 within one unit of their own rounding.
+Tolerances: fp32 within 1e-6 relative for elementwise results, bf16/fp16 within one unit of their own rounding; sums of
+squares (fp64, their terms formed like the reference's, only the order of the additions differs) within 1e-10.
 """
 
 from __future__ import annotations
@@ -73,12 +75,12 @@ def _assert_elementwise_close(actual: Tensors, expected: Tensors) -> None:
 
 
 def _assert_sums_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == torch.float32 and actual.device.type == "cuda"
-    torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-6)
+    assert actual.dtype == expected.dtype == torch.float64 and actual.device.type == "cuda"
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=0.0)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -181,6 +183,104 @@ def test_fsam_direction(dtype: torch.dtype, first: bool, adaptive: bool) -> None
     if first:
         assert all(_bit_equal(m, g) for m, g in zip(m_new, grads)), "first step: ema is an exact copy of g"
     _assert_sums_close(s_new, s_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sums of squares beyond the fp32 range (the same checks as tests/test_cuda_planner.py's, under emulation there): every
+# term is squared in fp64 and the scale computed in fp64, so a finite gradient whose squares overflow fp32
+# (|g| > ~1.8e19) still perturbs; a real inf/NaN gradient still skips.
+
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 2e19), (torch.float32, 1e20), (torch.bfloat16, 1e20)])
+def test_huge_gradient_is_perturbed(dtype: torch.dtype, value: float) -> None:
+    w = torch.tensor([0.5, 1.0, -2.0], dtype=dtype, device=DEV)
+    g = torch.tensor([value, 0.0, 0.0], dtype=dtype, device=DEV)
+    sumsq = ops.grad_sumsq([g], backend="cuda")
+    assert sumsq.dtype == torch.float64 and torch.isfinite(sumsq).all() and sumsq.item() > 3.4e38
+    assert torch.equal(sumsq, reference.grad_sumsq([g]))  # one nonzero term: exact
+    w_ref, w_new = w.clone(), w.clone()
+    reference.perturb_([w_ref], [g], [torch.empty_like(w)], sumsq, 0.05)
+    ops.perturb_([w_new], [g], [torch.empty_like(w)], sumsq, 0.05, backend="cuda")
+    assert _bit_equal(w_new, w_ref)
+    torch.testing.assert_close(w_new, w + torch.tensor([0.05, 0.0, 0.0], dtype=dtype, device=DEV))  # w + rho
+
+    # The same within a list (vector packets, several blocks) and per micro-batch slice.
+    params, grads = _lists(dtype, k=2, seed=14)
+    grads[7][0, 123] = value  # the 70,001-element tensor, slice 0
+    sums = ops.grad_sumsq(grads, micro_batches=2, backend="cuda")
+    _assert_sums_close(sums, reference.grad_sumsq(grads, micro_batches=2))
+    assert torch.isfinite(sums).all() and sums[0] > 3.4e38
+    out = ops.perturb_batched(params, grads, sums, 0.05, backend="cuda")
+    assert all(_bit_equal(a, e) for a, e in zip(out, reference.perturb_batched(params, grads, sums, 0.05)))
+    _assert_elementwise_close([out[7][0, 123]], [(params[7][123].float() + 0.05).to(dtype)])
+
+
+@pytest.mark.parametrize("g_value", [1e30, 1e10])
+def test_huge_adaptive(g_value: float) -> None:
+    """ASAM: t = |w| + eta = 1e10; t * g is 1e40 (beyond the fp32 range itself) or 1e20 (its square is)."""
+    w = torch.tensor([1e10, 1e10, 0.5, -3.0], device=DEV)
+    g = torch.tensor([g_value, 0.0, 3.0, -1.0], device=DEV)
+    sumsq = ops.grad_sumsq([g], [w], 0.01, backend="cuda")
+    _assert_sums_close(sumsq, reference.grad_sumsq([g], [w], 0.01))
+    assert torch.isfinite(sumsq).all() and sumsq.item() >= (1e10 * g_value) ** 2 * (1 - 1e-6)
+    w_ref, w_new = w.clone(), w.clone()
+    reference.perturb_([w_ref], [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, True, 0.01)
+    ops.perturb_([w_new], [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, True, 0.01, backend="cuda")
+    assert _bit_equal(w_new, w_ref)  # fp32 element math: t^2 * g = 1e50 overflows there, as in the reference
+    if g_value == 1e10:  # scale = 0.05 / 1e20, t^2 * g = 1e30: w moves by 5e8
+        torch.testing.assert_close(w_new[0], torch.tensor(1.05e10, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_fsam_huge_direction(dtype: torch.dtype, first: bool, adaptive: bool) -> None:
+    params, grads = _lists(dtype, seed=15)
+    gen = torch.Generator().manual_seed(16)
+    ema = [_place(torch.randn(g.shape, generator=gen), dtype, i % 4 == 1) for i, g in enumerate(grads)]
+    grads[7][5], ema[7][5] = 3e19, 1e19  # d = 3e19 - 1e19 = 2e19 (first step: d = g = 3e19)
+    grads[3][0], ema[3][0] = -1e20, 1e20  # d = -2e20
+    g_ref, g_new = [g.clone() for g in grads], [g.clone() for g in grads]
+    m_ref, m_new = [m.clone() for m in ema], [m.clone() for m in ema]
+    p = params if adaptive else None
+    s_ref = reference.fsam_direction_(g_ref, m_ref, 1.0, 0.5, first, p, 0.01)
+    s_new = ops.fsam_direction_(g_new, m_new, 1.0, 0.5, first, p, 0.01, backend="cuda")
+    assert all(_bit_equal(a, e) for a, e in zip(g_new + m_new, g_ref + m_ref))
+    _assert_sums_close(s_new, s_ref)
+    assert torch.isfinite(s_new).all() and s_new.item() > 3.4e38
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_non_finite_gradient_skips(bad: float, adaptive: bool) -> None:
+    params, grads = _lists(torch.float32, seed=17)
+    grads[7][40_000] = bad
+    p = params if adaptive else None
+    sumsq = ops.grad_sumsq(grads, p, 0.01, backend="cuda")
+    assert sumsq.dtype == torch.float64 and not torch.isfinite(sumsq).any()
+    assert torch.isnan(sumsq).item() == torch.isnan(reference.grad_sumsq(grads, p, 0.01)).item()
+    w = [x.clone() for x in params]
+    backups = [torch.empty_like(x) for x in params]
+    ops.perturb_(w, grads, backups, sumsq, 0.05, 1e-12, adaptive, 0.01, backend="cuda")
+    assert all(_bit_equal(a, x) for a, x in zip(w, params))
+    assert all(_bit_equal(b, x) for b, x in zip(backups, params))
+    ema = [torch.zeros_like(x) for x in grads]
+    s = ops.fsam_direction_([x.clone() for x in grads], ema, 1.0, 0.5, False, p, 0.01, backend="cuda")
+    assert not torch.isfinite(s).any()
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.3, 2 / 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_scale_from_fp64(rho: float, normalize: bool) -> None:
+    """scale = rho / (sqrt(sumsq) + eps) in fp64 from rho and eps as given, rounded once to fp32: with w = 0 and
+    g = 1 each slice's output is that fp32 scale (fp32 rho and eps would be off by an ulp for rho = 0.3, 2/3)."""
+    sums = torch.tensor([0.0, 3.0, 1e6 + 1, 4e38, 1e80], dtype=torch.float64, device=DEV)
+    k = sums.numel()
+    params, grads = [torch.zeros(5, device=DEV)], [torch.ones(k, 5, device=DEV)]
+    out = ops.perturb_batched(params, grads, sums, rho, 1e-12, False, 0.0, normalize, backend="cuda")
+    scales = [rho / (s ** 0.5 + 1e-12) if normalize else rho for s in sums.tolist()]
+    assert torch.equal(out[0], torch.tensor(scales, dtype=torch.float32, device=DEV)[:, None].expand(k, 5))
+    expected = reference.perturb_batched(params, grads, sums, rho, 1e-12, False, 0.0, normalize)
+    assert _bit_equal(out[0], expected[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ own source run under a CPU emulation of the few CUDA features they use.
 2. Kernel emulation (csrc/testing/emu): csrc/cuda/*.cu compiled by the host compiler, each CUDA thread a std::thread,
    on CPU tensors, compared with the torch reference. It checks the kernels' indexing (chunks, micro-batch slices,
    16-byte vector packets and scalar tails, misaligned views), the multi-launch loop, the math and the two-stage
-   reductions. It says nothing about real GPU execution: that is tests/test_cuda_gpu.py, on a GPU. It needs the CUDA
-   headers (the toolkit nvcc belongs to) and a C++ compiler; the first run compiles for ~40 s, later runs reuse it.
+   reductions (fp64 sums of squares: finite for gradients whose squares overflow fp32). It says nothing about real GPU
+   execution: that is tests/test_cuda_gpu.py, on a GPU. It needs the CUDA headers (the toolkit nvcc belongs to) and a
+   C++ compiler; the first run compiles for ~40 s, later runs reuse it.
 """
 
 from __future__ import annotations
@@ -289,12 +290,15 @@ def _close(actual: list, expected: list) -> None:
 
 
 def _sums_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-6)
+    """Sums of squares are fp64 for every input dtype, their terms formed exactly like the reference's: only the
+    order of the fp64 additions differs."""
+    assert actual.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0.0)
 
 
 def _bit_equal(a: list, b: list) -> bool:
     def bits(t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+        return t.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
     return all(x.shape == y.shape and torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
 
@@ -394,3 +398,97 @@ def test_emulated_many_launches(emu: object) -> None:
     _close(w_new, w_ref)
     emu.restore_(w_new, backups)
     assert _bit_equal(w_new, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sums of squares beyond the fp32 range: every term is squared in fp64 and the scale computed in fp64, so a finite
+# gradient whose squares overflow fp32 (|g| > ~1.8e19) still perturbs; a real inf/NaN gradient still skips.
+
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 2e19), (torch.float32, 1e20), (torch.bfloat16, 1e20)])
+def test_emulated_huge_gradient_is_perturbed(emu: object, dtype: torch.dtype, value: float) -> None:
+    w = torch.tensor([0.5, 1.0, -2.0], dtype=dtype)
+    g = torch.tensor([value, 0.0, 0.0], dtype=dtype)
+    sumsq = emu.grad_sumsq([g], None, 0.0, 1)
+    assert sumsq.dtype == torch.float64 and torch.isfinite(sumsq).all() and sumsq.item() > 3.4e38
+    assert torch.equal(sumsq, reference.grad_sumsq([g]))  # one nonzero term: exact
+    w_ref, w_new = w.clone(), w.clone()
+    reference.perturb_([w_ref], [g], [torch.empty_like(w)], sumsq, 0.05)
+    emu.perturb_([w_new], [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, False, 0.0, True)
+    assert _bit_equal([w_new], [w_ref])
+    torch.testing.assert_close(w_new, w + torch.tensor([0.05, 0.0, 0.0], dtype=dtype))  # ||g|| = |g[0]|: w + rho
+
+    # The same within a list (vector packets, several blocks) and per micro-batch slice.
+    params, grads = _emu_lists(dtype, k=2, seed=14)
+    grads[7][0, 123] = value  # the 70,001-element tensor, slice 0
+    sums = emu.grad_sumsq(grads, None, 0.0, 2)
+    _sums_close(sums, reference.grad_sumsq(grads, None, 0.0, 2))
+    assert torch.isfinite(sums).all() and sums[0] > 3.4e38
+    out = emu.perturb_batched(params, grads, sums, 0.05, 1e-12, False, 0.0, True)
+    assert _bit_equal(out, reference.perturb_batched(params, grads, sums, 0.05))
+    _close([out[7][0, 123]], [(params[7][123].float() + 0.05).to(dtype)])  # slice 0's norm is about |value|
+
+
+@pytest.mark.parametrize("g_value", [1e30, 1e10])
+def test_emulated_huge_adaptive(emu: object, g_value: float) -> None:
+    """ASAM: t = |w| + eta = 1e10; t * g is 1e40 (beyond the fp32 range itself) or 1e20 (its square is)."""
+    w = torch.tensor([1e10, 1e10, 0.5, -3.0])
+    g = torch.tensor([g_value, 0.0, 3.0, -1.0])
+    sumsq = emu.grad_sumsq([g], [w], 0.01, 1)
+    _sums_close(sumsq, reference.grad_sumsq([g], [w], 0.01))
+    assert torch.isfinite(sumsq).all() and sumsq.item() >= (1e10 * g_value) ** 2 * (1 - 1e-6)
+    w_ref, w_new = w.clone(), w.clone()
+    reference.perturb_([w_ref], [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, True, 0.01)
+    emu.perturb_([w_new], [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, True, 0.01, True)
+    assert _bit_equal([w_new], [w_ref])  # fp32 element math: t^2 * g = 1e50 overflows there, as in the reference
+    if g_value == 1e10:  # scale = 0.05 / 1e20, t^2 * g = 1e30: w moves by 5e8
+        torch.testing.assert_close(w_new[0], torch.tensor(1.05e10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_emulated_fsam_huge_direction(emu: object, dtype: torch.dtype, first: bool, adaptive: bool) -> None:
+    params, grads = _emu_lists(dtype, seed=15)
+    gen = torch.Generator().manual_seed(16)
+    ema = [_place(torch.randn(g.shape, generator=gen), dtype, i % 4 == 1) for i, g in enumerate(grads)]
+    grads[7][5], ema[7][5] = 3e19, 1e19  # d = 3e19 - 1e19 = 2e19 (first step: d = g = 3e19)
+    grads[3][0], ema[3][0] = -1e20, 1e20  # d = -2e20
+    g_ref, g_new = [g.clone() for g in grads], [g.clone() for g in grads]
+    m_ref, m_new = [m.clone() for m in ema], [m.clone() for m in ema]
+    p = params if adaptive else None
+    s_ref = reference.fsam_direction_(g_ref, m_ref, 1.0, 0.5, first, p, 0.01)
+    s_new = emu.fsam_direction_(g_new, m_new, 1.0, 0.5, first, p, 0.01)
+    assert _bit_equal(g_new, g_ref) and _bit_equal(m_new, m_ref)
+    _sums_close(s_new, s_ref)
+    assert torch.isfinite(s_new).all() and s_new.item() > 3.4e38
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_emulated_non_finite_gradient_skips(emu: object, bad: float, adaptive: bool) -> None:
+    params, grads = _emu_lists(torch.float32, seed=17)
+    grads[7][40_000] = bad
+    p = params if adaptive else None
+    sumsq = emu.grad_sumsq(grads, p, 0.01, 1)
+    assert sumsq.dtype == torch.float64 and not torch.isfinite(sumsq).any()
+    assert torch.isnan(sumsq).item() == torch.isnan(reference.grad_sumsq(grads, p, 0.01)).item()
+    w = [x.clone() for x in params]
+    backups = [torch.empty_like(x) for x in params]
+    emu.perturb_(w, grads, backups, sumsq, 0.05, 1e-12, adaptive, 0.01, True)
+    assert _bit_equal(w, params) and _bit_equal(backups, params)
+    ema = [torch.zeros_like(x) for x in grads]
+    assert not torch.isfinite(emu.fsam_direction_([x.clone() for x in grads], ema, 1.0, 0.5, False, p, 0.01)).any()
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.3, 2 / 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_emulated_scale_from_fp64(emu: object, rho: float, normalize: bool) -> None:
+    """scale = rho / (sqrt(sumsq) + eps) in fp64 from rho and eps as given, rounded once to fp32: with w = 0 and
+    g = 1 each slice's output is that fp32 scale (fp32 rho and eps would be off by an ulp for rho = 0.3, 2/3)."""
+    sums = torch.tensor([0.0, 3.0, 1e6 + 1, 4e38, 1e80], dtype=torch.float64)
+    k = sums.numel()
+    params, grads = [torch.zeros(5)], [torch.ones(k, 5)]
+    out = emu.perturb_batched(params, grads, sums, rho, 1e-12, False, 0.0, normalize)
+    scales = [rho / (s ** 0.5 + 1e-12) if normalize else rho for s in sums.tolist()]
+    assert torch.equal(out[0], torch.tensor(scales, dtype=torch.float32)[:, None].expand(k, 5))
+    assert _bit_equal(out, reference.perturb_batched(params, grads, sums, rho, 1e-12, False, 0.0, normalize))

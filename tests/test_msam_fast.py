@@ -447,3 +447,24 @@ def test_a_loss_that_is_not_a_scalar_is_refused(method: str) -> None:
         opt.msam_step(model, lambda out, t: F.mse_loss(out, t, reduction="none"), torch.randn(8, 5),
                       torch.randn(8, 3), micro_batches=4, method=method)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)) and not opt.is_perturbed
+
+
+def test_fp64_norm_overflow_takes_the_sequential_path() -> None:
+    """An fp64 micro-batch norm above fp64's sum of squares: the fast path hands the step to the sequential one, whose
+    rescale perturbs exactly (issue 13, item 2); the fast path used to skip the perturbation silently."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False).double()
+    x = torch.full((4, 3), 1e200, dtype=torch.float64)  # the gradient of mean(w . x) is 1e200 per element
+    y = torch.zeros(4, 1, dtype=torch.float64)
+
+    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (out - t).mean()
+
+    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.0, backend="torch")
+    w = model.weight.detach().clone()
+    with pytest.raises(FastPathUnsupported, match="overflows fp64"):
+        msam_fast(opt, model, loss_fn, x, y, 2)
+    assert model.weight.grad is None and torch.equal(model.weight.detach(), w)  # nothing changed
+    opt.msam_step(model, loss_fn, x, y, micro_batches=2)
+    assert opt.last_msam_info["method"] == "sequential" and "overflows fp64" in opt.last_msam_info["reason"]
+    torch.testing.assert_close(model.weight.grad, torch.full((1, 3), 1e200, dtype=torch.float64), rtol=1e-12, atol=0)

@@ -33,8 +33,8 @@ def test_grad_sumsq_formula(k: int, adaptive: bool) -> None:
         x = g.double() * (_t(p, eta) if adaptive else 1.0)
         expected += x.reshape(k, -1).pow(2).sum(1)
     got = ops.grad_sumsq(grads, params if adaptive else None, eta, micro_batches=k, backend="torch")
-    assert got.dtype == torch.float32 and got.shape == (k,)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    assert got.dtype == torch.float64 and got.shape == (k,)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("adaptive,normalize", [(False, True), (True, True), (False, False), (True, False)])
@@ -168,9 +168,9 @@ def test_non_contiguous_tensors() -> None:
     ref_p = p.contiguous().clone()
     backup = torch.empty_like(p)
     s = ops.grad_sumsq([g])
-    torch.testing.assert_close(s, (g.float() ** 2).sum().reshape(1))
+    torch.testing.assert_close(s, (g.double() ** 2).sum().reshape(1))
     ops.perturb_([p], [g], [backup], s, 0.05)
-    torch.testing.assert_close(p, ref_p + 0.05 / (s.sqrt() + 1e-12) * g)
+    torch.testing.assert_close(p, ref_p + (0.05 / (s.sqrt() + 1e-12)).float() * g)
     ops.restore_([p], [backup])
     assert torch.equal(p, ref_p)
 

@@ -633,7 +633,7 @@ def test_first_step_returns_a_0dim_norm(backend: str) -> None:
     mse(model(x), y).backward()
     expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
     norm = opt.first_step()
-    assert norm.shape == () and norm.dtype == torch.float32
+    assert norm.shape == () and norm.dtype == torch.float64
     assert f"{norm:.4f}" == f"{expected.item():.4f}"  # formats like clip_grad_norm_'s result
     torch.testing.assert_close(norm.double(), expected, rtol=1e-6, atol=0)
     opt.restore()
@@ -828,3 +828,81 @@ def test_fsam_overflow_step_advances_nothing(backend: str) -> None:
     (a, opt_a), (b, opt_b) = runs
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb) and torch.equal(opt_a.state[pa]["fsam_ema"], opt_b.state[pb]["fsam_ema"])
+
+
+# -- gradients whose squares overflow: every finite gradient perturbs exactly (issue 13, item 2) -----------------------
+
+
+def _huge_case(dtype: torch.dtype, big: float) -> tuple[torch.nn.Parameter, torch.Tensor]:
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, -3.0], dtype=dtype))
+    p.grad = torch.tensor([big, 0.0, 0.0], dtype=dtype)
+    return p, p.detach().clone()
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 2e19), (torch.float32, 1e20), (torch.float32, 1e36),
+                                       (torch.bfloat16, 1e20), (torch.float64, 1e200), (torch.float64, 1.7e308)])
+@pytest.mark.parametrize("variant", [sam_fused.SAM, sam_fused.FriendlySAM])
+def test_finite_gradient_whose_square_overflows_is_perturbed(backend: str, variant: type, dtype: torch.dtype,
+                                                             big: float) -> None:
+    """A gradient [big, 0, 0]: e = [rho, 0, 0] exactly. Its square overflowed the fp32 (fp64) sum of squares, and the
+    step used to be skipped as if the gradient were non-finite."""
+    p, w = _huge_case(dtype, big)
+    opt = variant([p], torch.optim.SGD, rho=0.05, lr=0.1, backend=backend)
+    norm = opt.first_step()
+    assert opt.is_perturbed and torch.isfinite(norm)
+    torch.testing.assert_close(norm, torch.tensor(p.grad[0].item(), dtype=torch.float64), rtol=1e-12, atol=0)
+    expected = w.double() + torch.tensor([0.05, 0.0, 0.0], dtype=torch.float64)
+    assert torch.equal(p.detach(), expected.to(dtype))  # e rounds to exactly rho; the sum then rounds once
+    opt.restore()
+    assert torch.equal(p.detach(), w)
+
+
+def test_norm_beyond_rho_over_fp32_min_perturbs_nearly_exactly(backend: str) -> None:
+    """Above rho / 1.2e-38 (4e36 for rho = 0.05) the fp32 scale is subnormal: e keeps its direction and ~5 digits."""
+    p, w = _huge_case(torch.float32, 3e38)
+    opt = sam_fused.SAM([p], torch.optim.SGD, rho=0.05, lr=0.1, backend=backend)
+    assert torch.isfinite(opt.first_step())
+    torch.testing.assert_close(p.detach() - w, torch.tensor([0.05, 0.0, 0.0]), rtol=1e-4, atol=0)
+    opt.restore()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_asam_with_squares_beyond_fp32(backend: str, dtype: torch.dtype) -> None:
+    """ASAM, T * g = 1e21: its square overflowed the fp32 sum. e = rho * T^2 g / ||T g|| (T^2 g = 1e26 is in range)."""
+    p = torch.nn.Parameter(torch.tensor([1e5, 1.0], dtype=dtype))
+    p.grad = torch.tensor([1e16, 3.0], dtype=dtype)
+    w = p.detach().clone()
+    opt = sam_fused.SAM([p], torch.optim.SGD, rho=0.05, adaptive=True, eta=0.01, lr=0.1, backend=backend)
+    assert torch.isfinite(opt.first_step())
+    t = w.double().abs() + 0.01
+    g = p.grad.double()
+    expected = w.double() + 0.05 * t * t * g / (t * g).norm()
+    torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=0)
+    opt.restore()
+
+
+def test_fp64_overflow_with_fp32_params_in_the_model(backend: str) -> None:
+    """One global norm of ~1e200 (an fp64 parameter): the fp32 parameter's e = rho * g / 1e200 underflows to 0, the fp64
+    one gets exactly rho; norm reported as ~1e200."""
+    big, w_big = _huge_case(torch.float64, 1e200)
+    small = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    small.grad = torch.tensor([3.0, -4.0])
+    opt = sam_fused.SAM([big, small], torch.optim.SGD, rho=0.05, lr=0.1, backend=backend)
+    norm = opt.first_step()
+    torch.testing.assert_close(norm, torch.tensor(1e200, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.equal(big.detach(), w_big + torch.tensor([0.05, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(small.detach(), torch.tensor([1.0, 2.0]))
+    assert torch.equal(small.grad, torch.tensor([3.0, -4.0])) and big.grad[0].item() == 1e200  # grads untouched
+    opt.restore()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_truly_non_finite_gradient_still_skips(backend: str, dtype: torch.dtype, bad: float) -> None:
+    p, w = _huge_case(dtype, 1e30 if dtype != torch.float64 else 1e200)
+    p.grad[1] = bad
+    opt = sam_fused.SAM([p], torch.optim.SGD, rho=0.05, lr=0.1, backend=backend)
+    norm = opt.first_step()
+    assert not torch.isfinite(norm) and torch.equal(p.detach(), w)
+    opt.restore()
+    assert torch.equal(p.detach(), w)

@@ -58,6 +58,7 @@ def test_grad_sumsq(dtype: torch.dtype, k: int, t_mode: str) -> None:
     params, grads = _lists(dtype, k)
     p = params if with_t else None
     got = T.grad_sumsq(grads, p, eta, k)
+    assert got.dtype == torch.float64
     assert_sumsq(got, reference.grad_sumsq(grads, p, eta, k))
     assert_bits_equal(T.grad_sumsq(grads, p, eta, k), got, "deterministic")
 
@@ -108,6 +109,7 @@ def test_fsam_direction(dtype: torch.dtype, first: bool, with_t: bool) -> None:
     g_ref, m_ref = _clone(grads), _clone(ema)
     s_ref = reference.fsam_direction_(g_ref, m_ref, 0.7, 0.6, first, p, 0.01)
     s_got = T.fsam_direction_(grads, ema, 0.7, 0.6, first, p, 0.01)
+    assert s_got.dtype == torch.float64
     assert_sumsq(s_got, s_ref)
     for i in range(len(grads)):
         assert_matches(grads[i], g_ref[i], f"grads[{i}]")
@@ -119,7 +121,7 @@ def test_zero_and_nonfinite_gradients(dtype: torch.dtype) -> None:
     params, grads = _lists(dtype)
     zeros = [torch.zeros_like(p) for p in params]
     s0 = T.grad_sumsq(zeros, params, 0.01, 1)
-    assert torch.equal(s0.cpu(), torch.zeros(1))
+    assert torch.equal(s0.cpu(), torch.zeros(1, dtype=torch.float64))
     original, backups = _clone(params), [torch.empty_like(p) for p in params]
     T.perturb_(params, zeros, backups, s0, 0.05, 1e-12, True, 0.01, True)
     for p, o in zip(params, original):
@@ -131,6 +133,99 @@ def test_zero_and_nonfinite_gradients(dtype: torch.dtype) -> None:
     for p, o, b in zip(params, original, backups):
         assert_bits_equal(p, o, "non-finite gradient => weights untouched")
         assert_bits_equal(b, o, "backup still written")
+
+
+# Gradients whose squares overflow fp32 (|g| > 1.8e19): fp64 sums, so the step is taken (it was skipped with fp32 sums).
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 2e19), (torch.float32, 1e20), (torch.bfloat16, 1e20)])
+def test_huge_finite_gradient_is_perturbed(dtype: torch.dtype, big: float) -> None:
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=dtype, device=CUDA)
+    g = torch.tensor([big, 0.0, 0.0], dtype=dtype, device=CUDA)
+    sumsq = T.grad_sumsq([g], None, 0.0, 1)
+    expected = ops.grad_sumsq([g], backend="torch")
+    assert sumsq.dtype == torch.float64 and torch.isfinite(sumsq).all()
+    assert torch.equal(sumsq, expected)  # one nonzero term, squared exactly in fp64
+    got, w_ref = [w.clone()], [w.clone()]
+    reference.perturb_(w_ref, [g], [torch.empty_like(w)], expected, 0.05)
+    T.perturb_(got, [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, False, 0.0, True)
+    assert_bits_equal(got[0], w_ref[0])
+    torch.testing.assert_close(got[0], w + torch.tensor([0.05, 0.0, 0.0], dtype=dtype, device=CUDA))
+
+
+def test_huge_adaptive_gradient_has_a_finite_norm() -> None:
+    """ASAM with t * g = 1e40: finite fp64 sum; the update is the reference's to the bit (subnormal fp32 scale: the
+    kernels must not flush it to zero)."""
+    w = torch.tensor([1e10, 1.0, -2.0], device=CUDA)
+    g = torch.tensor([1e30, 0.5, 1.0], device=CUDA)
+    sumsq = T.grad_sumsq([g], [w], 0.01, 1)
+    expected = ops.grad_sumsq([g], [w], 0.01, backend="torch")
+    assert torch.isfinite(sumsq).all()
+    torch.testing.assert_close(sumsq, expected, rtol=1e-12, atol=0)
+    got, w_ref = [w.clone()], [w.clone()]
+    reference.perturb_(w_ref, [g], [torch.empty_like(w)], expected, 0.05, 1e-12, True, 0.01)
+    T.perturb_(got, [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, True, 0.01, True)
+    assert_bits_equal(got[0], w_ref[0])
+    extreme = torch.full((64,), torch.finfo(torch.float32).max, device=CUDA)
+    assert torch.isfinite(T.grad_sumsq([extreme], [extreme], 0.0, 1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturb_batched_with_one_huge_slice(dtype: torch.dtype) -> None:
+    params, kgrads = _lists(dtype, 2, always_lead=True)
+    kgrads[3][0, 1] = 1e20  # slice 0 huge, slice 1 ordinary
+    sumsq = T.grad_sumsq(kgrads, None, 0.0, 2)
+    expected = ops.grad_sumsq(kgrads, micro_batches=2, backend="torch")
+    assert torch.isfinite(sumsq).all()
+    torch.testing.assert_close(sumsq, expected, rtol=1e-9, atol=0)
+    outs = T.perturb_batched(params, kgrads, sumsq, 0.05, 1e-12, False, 0.0, True)
+    expected = reference.perturb_batched(params, kgrads, sumsq, 0.05)
+    for i, (out, e) in enumerate(zip(outs, expected)):
+        assert_matches(out, e, f"out[{i}]")
+    assert_bits_equal(outs[3][0], expected[3][0], "the huge slice")
+
+
+@pytest.mark.parametrize("with_t", [False, True])
+@pytest.mark.parametrize("first", [True, False])
+def test_fsam_direction_with_huge_values(first: bool, with_t: bool) -> None:
+    params = [torch.tensor([1.5, -0.5, 2.0], device=CUDA)]
+    grads = [torch.tensor([3e19, 1.0, -4e19], device=CUDA)]
+    ema = [torch.tensor([2e19, 0.5, 0.0], device=CUDA)]
+    p = params if with_t else None
+    g_ref, m_ref = _clone(grads), _clone(ema)
+    s_ref = reference.fsam_direction_(g_ref, m_ref, 0.7, 0.6, first, p, 0.01)
+    s_got = T.fsam_direction_(grads, ema, 0.7, 0.6, first, p, 0.01)
+    assert s_got.dtype == torch.float64 and torch.isfinite(s_got).all()
+    torch.testing.assert_close(s_got, s_ref, rtol=1e-12, atol=0)
+    got, w_ref = _clone(params), _clone(params)
+    reference.perturb_(w_ref, g_ref, [torch.empty_like(w_ref[0])], s_ref, 0.05, 1e-12, with_t, 0.01)
+    T.perturb_(got, grads, [torch.empty_like(got[0])], s_got, 0.05, 1e-12, with_t, 0.01, True)
+    assert_bits_equal(got[0], w_ref[0])
+
+
+def test_perturb_scale_is_fp64_rounded_once() -> None:
+    """The compiled scale: fp64 sqrt.rn / div.rn with rho and eps passed as fp64, rounded once to fp32 (w = 0, g = 1:
+    out[j] = scale_j exactly), over sums from 0 to far beyond the fp32 range."""
+    gen = torch.Generator().manual_seed(7)
+    k = 4096
+    sumsq = torch.empty(k, dtype=torch.float64).uniform_(-130.0, 177.0, generator=gen).exp()
+    sumsq[:4] = torch.tensor([0.0, 1e-300, 1.0, 1e77], dtype=torch.float64)
+    sumsq = sumsq.to(CUDA)
+    w, g = [torch.zeros(1, device=CUDA)], [torch.ones(k, 1, device=CUDA)]
+    for rho, eps in [(0.05, 1e-12), (0.1234567891234, 3.3e-13)]:
+        got = T.perturb_batched(w, g, sumsq, rho, eps, False, 0.0, True)[0]
+        assert_bits_equal(got, reference.perturb_batched(w, g, sumsq, rho, eps)[0], f"rho={rho} eps={eps}")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_gradient_beside_a_huge_one(bad: float) -> None:
+    w = torch.tensor([1.0, -2.0, 3.0], device=CUDA)
+    g = torch.tensor([1e20, bad, 0.0], device=CUDA)
+    sumsq = T.grad_sumsq([g], [w], 0.01, 1)
+    assert sumsq.dtype == torch.float64 and not torch.isfinite(sumsq).any()
+    got, backup = [w.clone()], [torch.empty_like(w)]
+    T.perturb_(got, [g], backup, sumsq, 0.05, 1e-12, True, 0.01, True)
+    assert_bits_equal(got[0], w, "weights untouched")
+    assert_bits_equal(backup[0], w, "backup still written")
 
 
 def test_table_cache_rebuilt_after_grads_reallocated() -> None:

@@ -6,7 +6,9 @@ through the address tables, masking, micro-batch slices, order of operations and
 GPU compilation is checked without a GPU by compiling every kernel specialization to a cubin for sm_80 in a
 subprocess (kernels/aot.py); running them on a GPU, and their speed, are left to tests/test_triton_gpu.py.
 Tolerances (docs/DESIGN.md section 4): fp32 within 1e-6 relative; bf16/fp16 within 1 ulp of the reference's own
-rounding; backups and restore bit-exact. The interpreter is slow: shapes are small, with one tensor > 65,536 elements.
+rounding; backups and restore bit-exact; the fp64 sums of squares as tests/helpers.py assert_sumsq says. Gradients
+whose squares overflow fp32 must give a finite fp64 sum and the reference's update to the bit. The interpreter is
+slow: shapes are small, with one tensor > 65,536 elements.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def test_grad_sumsq(dtype: torch.dtype, k: int, t_mode: str) -> None:
     params, grads = _lists(dtype, k)
     p = params if with_t else None
     got = T.grad_sumsq(grads, p, eta, k)
-    assert got.shape == (k,) and got.device == grads[0].device
+    assert got.shape == (k,) and got.dtype == torch.float64 and got.device == grads[0].device
     assert_sumsq(got, reference.grad_sumsq(grads, p, eta, k))
 
 
@@ -125,6 +127,7 @@ def test_fsam_direction(dtype: torch.dtype, first: bool, with_t: bool) -> None:
     g_ref, m_ref = _clone(grads), _clone(ema)
     s_ref = reference.fsam_direction_(g_ref, m_ref, 0.7, 0.6, first, p, 0.01)
     s_got = T.fsam_direction_(grads, ema, 0.7, 0.6, first, p, 0.01)
+    assert s_got.dtype == torch.float64
     assert_sumsq(s_got, s_ref)
     for i in range(len(grads)):
         assert_matches(grads[i], g_ref[i], f"grads[{i}] (direction)")
@@ -175,7 +178,7 @@ def test_zero_gradient_gives_zero_perturbation(dtype: torch.dtype, adaptive: boo
     params, _ = _lists(dtype, shapes=SHAPES[:5])
     zeros = [torch.zeros_like(p) for p in params]
     sumsq = T.grad_sumsq(zeros, params if adaptive else None, 0.01, 1)
-    assert torch.equal(sumsq, torch.zeros(1))
+    assert torch.equal(sumsq, torch.zeros(1, dtype=torch.float64))
     original, backups = _clone(params), [torch.empty_like(p) for p in params]
     T.perturb_(params, zeros, backups, sumsq, 0.05, 1e-12, adaptive, 0.01, True)
     outs = T.perturb_batched(original, [z.unsqueeze(0) for z in zeros], sumsq, 0.05, 1e-12, adaptive, 0.01, True)
@@ -208,6 +211,103 @@ def test_nonfinite_gradient_gives_no_perturbation(dtype: torch.dtype, bad: float
     for p, out, e in zip(params, outs, expected):
         assert_bits_equal(out[1], p, "slice with non-finite gradients = w")
         assert_matches(out[0], e[0])
+
+
+# Gradients whose squares overflow fp32 (|g| > 1.8e19): the sums are fp64, so a finite gradient always has a finite
+# norm and is perturbed; before, the fp32 sum was inf and the step was skipped as if the gradient were non-finite.
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 2e19), (torch.float32, 1e20), (torch.bfloat16, 1e20)])
+def test_huge_finite_gradient_is_perturbed(dtype: torch.dtype, big: float) -> None:
+    w = torch.tensor([1.0, -2.0, 3.0], dtype=dtype)
+    g = torch.tensor([big, 0.0, 0.0], dtype=dtype)
+    sumsq = T.grad_sumsq([g], None, 0.0, 1)
+    expected = ops.grad_sumsq([g], backend="torch")
+    assert sumsq.dtype == torch.float64 and torch.isfinite(sumsq).all()
+    assert torch.equal(sumsq, expected)  # one nonzero term, squared exactly in fp64
+    got, w_ref = [w.clone()], [w.clone()]
+    reference.perturb_(w_ref, [g], [torch.empty_like(w)], expected, 0.05)
+    T.perturb_(got, [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, False, 0.0, True)
+    assert_bits_equal(got[0], w_ref[0])
+    torch.testing.assert_close(got[0], w + torch.tensor([0.05, 0.0, 0.0], dtype=dtype))  # w + rho * g / |g|
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy: t * t * g = 1e50 in fp32 -> inf
+def test_huge_adaptive_gradient_has_a_finite_norm() -> None:
+    """ASAM with t * g = 1e40 beyond the fp32 range: finite fp64 sum, and the reference's update to the bit (the
+    huge element's t * t * g overflows fp32 there too, the others move by a subnormal fp32 scale)."""
+    w = torch.tensor([1e10, 1.0, -2.0])
+    g = torch.tensor([1e30, 0.5, 1.0])
+    sumsq = T.grad_sumsq([g], [w], 0.01, 1)
+    expected = ops.grad_sumsq([g], [w], 0.01, backend="torch")
+    assert torch.isfinite(sumsq).all()
+    torch.testing.assert_close(sumsq, expected, rtol=1e-12, atol=0)
+    got, w_ref = [w.clone()], [w.clone()]
+    reference.perturb_(w_ref, [g], [torch.empty_like(w)], expected, 0.05, 1e-12, True, 0.01)
+    T.perturb_(got, [g], [torch.empty_like(w)], sumsq, 0.05, 1e-12, True, 0.01, True)
+    assert_bits_equal(got[0], w_ref[0])
+    extreme = torch.full((64,), torch.finfo(torch.float32).max)  # the largest possible terms: (t * g)^2 = 1.3e154
+    assert torch.isfinite(T.grad_sumsq([extreme], [extreme], 0.0, 1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16 cannot hold such gradients
+def test_perturb_batched_with_one_huge_slice(dtype: torch.dtype) -> None:
+    params, kgrads = _lists(dtype, 2, seed=6, shapes=[(3,), (2, 4)])
+    kgrads[0][0, 1] = 1e20  # slice 0 huge, slice 1 ordinary
+    sumsq = T.grad_sumsq(kgrads, None, 0.0, 2)
+    expected = ops.grad_sumsq(kgrads, micro_batches=2, backend="torch")
+    assert torch.isfinite(sumsq).all()
+    torch.testing.assert_close(sumsq, expected, rtol=1e-12, atol=0)
+    outs = T.perturb_batched(params, kgrads, sumsq, 0.05, 1e-12, False, 0.0, True)
+    for out, e in zip(outs, reference.perturb_batched(params, kgrads, sumsq, 0.05)):
+        assert_bits_equal(out, e)
+
+
+@pytest.mark.parametrize("with_t", [False, True])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fsam_direction_with_huge_values(dtype: torch.dtype, first: bool, with_t: bool) -> None:
+    params = [torch.tensor([1.5, -0.5, 2.0], dtype=dtype)]
+    grads = [torch.tensor([3e19, 1.0, -4e19], dtype=dtype)]
+    ema = [torch.tensor([2e19, 0.5, 0.0], dtype=dtype)]
+    p = params if with_t else None
+    g_ref, m_ref = _clone(grads), _clone(ema)
+    s_ref = reference.fsam_direction_(g_ref, m_ref, 0.7, 0.6, first, p, 0.01)
+    s_got = T.fsam_direction_(grads, ema, 0.7, 0.6, first, p, 0.01)
+    assert s_got.dtype == torch.float64 and torch.isfinite(s_got).all()
+    torch.testing.assert_close(s_got, s_ref, rtol=1e-12, atol=0)
+    assert_bits_equal(grads[0], g_ref[0])
+    assert_bits_equal(ema[0], m_ref[0])
+    got, w_ref = _clone(params), _clone(params)
+    reference.perturb_(w_ref, g_ref, [torch.empty_like(w_ref[0])], s_ref, 0.05, 1e-12, with_t, 0.01)
+    T.perturb_(got, grads, [torch.empty_like(got[0])], s_got, 0.05, 1e-12, with_t, 0.01, True)
+    assert_bits_equal(got[0], w_ref[0])
+
+
+def test_perturb_scale_is_fp64_rounded_once() -> None:
+    """scale = rho / (sqrt(sumsq) + eps) in fp64 with rho and eps as given (not rounded to fp32 first), then rounded
+    once to fp32: with w = 0 and g = 1, out[j] = scale_j exactly, over sums from 0 to far beyond the fp32 range."""
+    gen = torch.Generator().manual_seed(7)
+    k = 512
+    sumsq = torch.empty(k, dtype=torch.float64).uniform_(-130.0, 177.0, generator=gen).exp()
+    sumsq[:4] = torch.tensor([0.0, 1e-300, 1.0, 1e77], dtype=torch.float64)
+    w, g = [torch.zeros(1)], [torch.ones(k, 1)]
+    for rho, eps in [(0.05, 1e-12), (0.1234567891234, 3.3e-13)]:
+        got = T.perturb_batched(w, g, sumsq, rho, eps, False, 0.0, True)[0]
+        assert_bits_equal(got, reference.perturb_batched(w, g, sumsq, rho, eps)[0], f"rho={rho} eps={eps}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on masked-off lanes (0 * inf)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_nonfinite_gradient_beside_a_huge_one(bad: float) -> None:
+    """A real inf/NaN still makes the fp64 sum non-finite, and the weights are left untouched."""
+    w = torch.tensor([1.0, -2.0, 3.0])
+    g = torch.tensor([1e20, bad, 0.0])
+    sumsq = T.grad_sumsq([g], [w], 0.01, 1)
+    assert sumsq.dtype == torch.float64 and not torch.isfinite(sumsq).any()
+    got, backup = [w.clone()], [torch.empty_like(w)]
+    T.perturb_(got, [g], backup, sumsq, 0.05, 1e-12, True, 0.01, True)
+    assert_bits_equal(got[0], w, "weights untouched")
+    assert_bits_equal(backup[0], w, "backup still written")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -351,7 +451,8 @@ def test_opcheck(name: str) -> None:
 @pytest.mark.slow
 def test_kernels_compile_for_a_gpu_without_a_gpu() -> None:
     """Every kernel specialization through the whole Triton compiler (TTIR .. PTX .. cubin via the bundled ptxas) for
-    sm_80, in a subprocess without TRITON_INTERPRET; the PTX must use sqrt.rn/div.rn and have no fma.f32, no atomics."""
+    sm_80, in a subprocess without TRITON_INTERPRET; the PTX must compute the scale with sqrt.rn.f64/div.rn.f64 and
+    have no approximate sqrt/division, no fma, no atomics."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -62,7 +62,7 @@ void check_no_overlap(const char* op, const at::Tensor& t, const char* list, siz
                     "] is written in place but has internally overlapping memory (e.g. an expanded view)");
 }
 
-std::vector<float> read_sumsq(const char* op, const at::Tensor& sumsq, int64_t k, bool exact_numel) {
+std::vector<double> read_sumsq(const char* op, const at::Tensor& sumsq, int64_t k, bool exact_numel) {
   TORCH_CHECK_VALUE(sumsq.defined() && sumsq.layout() == at::kStrided && sumsq.device().is_cpu(), "sam_fused.", op,
                     ": sumsq must be a dense CPU tensor");
   TORCH_CHECK_TYPE(at::isFloatingType(sumsq.scalar_type()), "sam_fused.", op,
@@ -74,9 +74,9 @@ std::vector<float> read_sumsq(const char* op, const at::Tensor& sumsq, int64_t k
     TORCH_CHECK_VALUE(sumsq.numel() >= 1, "sam_fused.", op, ": sumsq is empty");
   }
   // Host memory: reading it here is what the reference's device-side where(isfinite(sumsq), ...) amounts to.
-  const at::Tensor flat = sumsq.reshape(-1).slice(0, 0, exact_numel ? k : 1).to(at::kFloat).contiguous();
-  const float* p = flat.const_data_ptr<float>();
-  return std::vector<float>(p, p + flat.numel());
+  const at::Tensor flat = sumsq.reshape(-1).slice(0, 0, exact_numel ? k : 1).to(at::kDouble).contiguous();
+  const double* p = flat.const_data_ptr<double>();
+  return std::vector<double>(p, p + flat.numel());
 }
 
 std::vector<int64_t> with_leading(int64_t k, at::IntArrayRef shape) {
@@ -90,9 +90,8 @@ std::vector<int64_t> with_leading(int64_t k, at::IntArrayRef shape) {
 at::Tensor Partials::combine() const {
   std::vector<double> total(static_cast<size_t>(k_), 0.0);
   for (size_t i = 0; i < v_.size(); ++i) total[i % static_cast<size_t>(k_)] += v_[i];
-  at::Tensor out = at::empty({k_}, at::TensorOptions().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for (int64_t j = 0; j < k_; ++j) o[j] = static_cast<float>(total[static_cast<size_t>(j)]);
+  at::Tensor out = at::empty({k_}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), out.data_ptr<double>());
   return out;
 }
 

@@ -6,7 +6,9 @@
 //     depend only on the tensor sizes (never on the thread count), which makes per-chunk partial sums combined in
 //     chunk order bit-identical for any number of threads.
 //   * Pack<T>: load/store of 2 * Vectorized<float>::size() elements of storage type T (fp32, bf16, fp16) as two fp32
-//     vectors, so the math runs in fp32 whatever the storage dtype (docs/DESIGN.md section 5).
+//     vectors, so the elementwise math runs in fp32 whatever the storage dtype (docs/DESIGN.md section 5).
+//   * blocked_sum: sums of squares in fp32 blocks added in fp64, redone in fp64 where fp32 overflows, so any
+//     finite gradient has a finite norm (an fp32 square overflows once |g| > ~1.8e19).
 //   * Input checks and dense-layout helpers (defined in checks.cpp).
 #pragma once
 
@@ -25,9 +27,17 @@
 #include <utility>
 #include <vector>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "sam_math_cpu.h"
+
 namespace sam_fused::cpu {
 
 using Vec = at::vec::Vectorized<float>;
+using VecD = at::vec::Vectorized<double>;
+static_assert(Vec::size() == 2 * VecD::size(), "an fp32 vector must widen to two fp64 vectors");
 
 // Elements per chunk of the work list. 32K elements (128 KB of fp32) amortize the per-chunk bookkeeping, keep a
 // chunk's working set in L2 and still give a 2-thread machine ~800 chunks for a ResNet-50 (16K to 128K measured the
@@ -38,7 +48,7 @@ constexpr int64_t kChunk = 32768;
 // 64-element (cache-line multiple) offsets and vector loops start aligned when the tensor data is.
 constexpr int64_t kSegmentAlign = 64;
 // Reductions accumulate blocks of this many elements in fresh vector accumulators before adding them to the running
-// ones: a cheap two-level (pairwise-like) sum that keeps the fp32 rounding error small on long chunks.
+// ones: a cheap two-level (pairwise-like) sum that keeps the rounding error small on long chunks.
 constexpr int64_t kSumBlock = 1024;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -112,35 +122,120 @@ inline T from_f32(float x) {
   return static_cast<T>(x);
 }
 
-// Horizontal sum of a vector in a fixed lane order (deterministic).
-inline float lane_sum(const Vec& v) {
-  __at_align__ float lanes[Vec::size()];
-  v.store(lanes);
-  float s = 0.0f;
-  for (int64_t i = 0; i < Vec::size(); ++i) s += lanes[i];
-  return s;
+// fp32 lanes to fp64 (exact): lo gets the first half of v's lanes, hi the second.
+inline void widen(const Vec& v, VecD& lo, VecD& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+#else
+  __at_align__ float f[Vec::size()];
+  __at_align__ double d[Vec::size()];
+  v.store(f);
+  for (int64_t i = 0; i < Vec::size(); ++i) d[i] = f[i];
+  lo = VecD::loadu(d);
+  hi = VecD::loadu(d + VecD::size());
+#endif
 }
+
+// Sums of squares run in fp32 first and in fp64 only where fp32 overflows. The fp32 pass is the fast one (widening
+// every element to fp64 cost 1.3-1.6x the time per element on one core); a piece whose fp32 block sums are not all
+// finite holds an inf/NaN value or a square above the fp32 range (|x| > ~1.8e19), and is summed again with every
+// term squared in fp64 (exact for fp32 values), so any finite gradient has a finite sum. Block sums are added in fp64.
+
+// fp32 accumulators: two independent add chains per pack.
+struct FastSums {
+  Vec s0{0.0f}, s1{0.0f};
+
+  void add(const Vec& x0, const Vec& x1) {
+    s0 = s0 + square(x0);
+    s1 = s1 + square(x1);
+  }
+  // (x * t)^2 for ASAM, t = |w| + eta.
+  void add_scaled(const Vec& x0, const Vec& x1, const Vec& t0, const Vec& t1) {
+    s0 = s0 + square_scaled(x0, t0);
+    s1 = s1 + square_scaled(x1, t1);
+  }
+};
+
+// fp64 accumulators, same interface: a pack widens to four fp64 vectors, one per accumulator.
+struct WideSums {
+  VecD acc[4] = {VecD(0.0), VecD(0.0), VecD(0.0), VecD(0.0)};
+
+  void add(const Vec& x0, const Vec& x1) {
+    VecD x[4];
+    widen(x0, x[0], x[1]);
+    widen(x1, x[2], x[3]);
+    for (int j = 0; j < 4; ++j) acc[j] = acc[j] + square(x[j]);
+  }
+  // t = |w| + eta comes in fp32, as the perturbation uses it; the product x * t is taken in fp64.
+  void add_scaled(const Vec& x0, const Vec& x1, const Vec& t0, const Vec& t1) {
+    VecD x[4], t[4];
+    widen(x0, x[0], x[1]);
+    widen(x1, x[2], x[3]);
+    widen(t0, t[0], t[1]);
+    widen(t1, t[2], t[3]);
+    for (int j = 0; j < 4; ++j) acc[j] = acc[j] + square_scaled(x[j], t[j]);
+  }
+  // Adds the lanes of an fp32 partial sum (exact widening).
+  void add_sum(const Vec& v) {
+    VecD lo, hi;
+    widen(v, lo, hi);
+    acc[0] = acc[0] + lo;
+    acc[1] = acc[1] + hi;
+  }
+  // Horizontal sum in a fixed lane order (deterministic).
+  double total() const {
+    __at_align__ double lanes[VecD::size()];
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
+    double s = 0.0;
+    for (int64_t i = 0; i < VecD::size(); ++i) s += lanes[i];
+    return s;
+  }
+};
 
 // End of the vector part of [lo, hi): the largest lo + m * W <= hi.
 inline int64_t vector_end(int64_t lo, int64_t hi, int64_t width) {
   return lo + (hi - lo) / width * width;
 }
 
-// Sum over the packs of [lo, vec_hi) (vec_hi from vector_end) of what step(i, s0, s1) adds to the two fp32 vector
-// accumulators for the pack at i. Two-level: each kSumBlock-element block starts from fresh accumulators that are
-// then added to the running ones, which bounds the number of additions into one fp32 lane.
-template <class T, class Step>
-inline float blocked_sum(int64_t lo, int64_t vec_hi, const Step& step) {
+// Sum over the packs of [lo, vec_hi) (vec_hi from vector_end) of what step(i, sums) adds for the pack at i: fp32
+// (FastSums) within each kSumBlock-element block, the blocks' vector sums widened and added in fp64. If the result is
+// not finite, redo(lo, vec_hi) gives it instead, in fp64 terms (WideSums). step may write (F-SAM), so redo must read
+// what step left behind.
+template <class T, class Step, class Redo>
+inline double blocked_sum(int64_t lo, int64_t vec_hi, const Step& step, const Redo& redo) {
   static_assert(kSumBlock % Pack<T>::kWidth == 0, "blocks must hold whole packs");
-  Vec acc0(0.0f), acc1(0.0f);
+  WideSums total;
   for (int64_t block = lo; block < vec_hi; block += kSumBlock) {
     const int64_t end = std::min(block + kSumBlock, vec_hi);
-    Vec s0(0.0f), s1(0.0f);
-    for (int64_t i = block; i < end; i += Pack<T>::kWidth) step(i, s0, s1);
-    acc0 = acc0 + s0;
-    acc1 = acc1 + s1;
+    FastSums sums;
+    for (int64_t i = block; i < end; i += Pack<T>::kWidth) step(i, sums);
+    total.add_sum(sums.s0 + sums.s1);
   }
-  return lane_sum(acc0 + acc1);
+  const double sum = total.total();
+  return std::isfinite(sum) ? sum : redo(lo, vec_hi);
+}
+
+// fp64 sum of (t * x)^2 over the packs of [lo, hi) of x, t = |w| + eta (t = 1 when w is null): blocked_sum's redo.
+template <class T>
+inline double wide_sumsq(const T* x, const T* w, int64_t lo, int64_t hi, float eta) {
+  WideSums sums;
+  const Vec eta_v(eta);
+  for (int64_t i = lo; i < hi; i += Pack<T>::kWidth) {
+    Vec x0, x1;
+    load_pack(x + i, x0, x1);
+    if (w == nullptr) {
+      sums.add(x0, x1);
+    } else {
+      Vec w0, w1;
+      load_pack(w + i, w0, w1);
+      sums.add_scaled(x0, x1, w0.abs() + eta_v, w1.abs() + eta_v);
+    }
+  }
+  return sums.total();
 }
 
 // Calls body(T{}) with T the C++ storage type of `dtype` (fp32, bf16 or fp16; callers checked the dtype).
@@ -215,14 +310,13 @@ class ChunkPlan {
   int64_t end_ = 0;
 };
 
-// Per-chunk partial sums for k micro-batch slices, combined in chunk order (so independent of the thread that
-// produced each one). Partials and the combination are kept in double: the vector accumulation inside a chunk is
-// fp32 (docs/DESIGN.md section 5), the few hundred partials are combined more precisely for free.
+// Per-chunk partial sums (fp64) for k micro-batch slices, combined in chunk order (so independent of the thread that
+// produced each one).
 class Partials {
  public:
   Partials(int64_t chunks, int64_t k) : k_(k), v_(static_cast<size_t>(chunks * k), 0.0) {}
-  void add(int64_t chunk, int64_t slice, float x) { v_[static_cast<size_t>(chunk * k_ + slice)] += x; }
-  // fp32 tensor [k] on the CPU with the sums.
+  void add(int64_t chunk, int64_t slice, double x) { v_[static_cast<size_t>(chunk * k_ + slice)] += x; }
+  // fp64 tensor [k] on the CPU with the sums.
   at::Tensor combine() const;
 
  private:
@@ -240,9 +334,9 @@ void check_shape(const char* op, const at::Tensor& t, const char* list, size_t i
 // A mutated tensor must not have internally overlapping memory (e.g. an expanded view).
 void check_no_overlap(const char* op, const at::Tensor& t, const char* list, size_t i);
 void check_supported_dtype(const char* op, at::ScalarType dtype, const char* list);
-// The data-dependent scalars of a CPU `sumsq` tensor as fp32 (the reference's sumsq.float()), read on the host
-// inside the op: all `k` of them when exact_numel (sumsq must have k elements), else only the first one.
-std::vector<float> read_sumsq(const char* op, const at::Tensor& sumsq, int64_t k, bool exact_numel);
+// The data-dependent scalars of a CPU `sumsq` tensor (any floating dtype) as fp64, read on the host inside the op:
+// all `k` of them when exact_numel (sumsq must have k elements), else only the first one.
+std::vector<double> read_sumsq(const char* op, const at::Tensor& sumsq, int64_t k, bool exact_numel);
 // [k, *shape]
 std::vector<int64_t> with_leading(int64_t k, at::IntArrayRef shape);
 

@@ -3,8 +3,9 @@
 // One pass per element: d = g - sigma * m_prev and m = lmbda * m_prev + (1 - lmbda) * g (or, on the first step,
 // m = g and d = g), written in place into grads and ema, plus the sum of (T * d)^2 that the perturbation needs. The
 // sum is taken over d as STORED (rounded to the storage dtype), exactly what the reference's grad_sumsq of the
-// updated grads sees; fusing it saves the separate norm pass. Partial sums per chunk, combined in chunk order
-// (common.h), so the result is the same for any thread count.
+// updated grads sees; fusing it saves the separate norm pass. Summed like grad_sumsq (fp32 blocks, fp64 where they
+// overflow). Partial sums per chunk, combined in chunk order (common.h), so the result is the same for any thread
+// count.
 #include "common.h"
 #include "ops.h"
 #include "sam_math_cpu.h"
@@ -30,21 +31,11 @@ struct FsamScalars {
   float sigma, lmbda, one_minus_lmbda, eta;
 };
 
-// (T * d)^2 for one value or vector, T from the weights when kAdaptive.
-template <bool kAdaptive, class V>
-inline V norm_term(V d, V w_abs, V eta) {
-  if constexpr (kAdaptive) {
-    return square_scaled(d, w_abs + eta);
-  } else {
-    return square(d);
-  }
-}
-
 template <class T, bool kFirst, bool kAdaptive>
-float fsam_piece(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars& c) {
+double fsam_piece(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars& c) {
   const int64_t vec_hi = vector_end(lo, hi, Pack<T>::kWidth);
   const Vec sigma(c.sigma), lmbda(c.lmbda), one_minus_lmbda(c.one_minus_lmbda), eta(c.eta);
-  float sum = blocked_sum<T>(lo, vec_hi, [&](int64_t i, Vec& s0, Vec& s1) {
+  const auto step = [&](int64_t i, FastSums& sums) {
     Vec d0, d1;
     if constexpr (kFirst) {
       const auto raw = Pack<T>::load_raw(s.g + i);
@@ -59,10 +50,17 @@ float fsam_piece(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars&
       store_pack_rounded(s.g + i, d0, d1);  // d0, d1 now hold the stored values
       store_pack(s.m + i, fsam_ema(g0, m0, lmbda, one_minus_lmbda), fsam_ema(g1, m1, lmbda, one_minus_lmbda));
     }
-    Vec a0(1.0f), a1(1.0f);
-    if constexpr (kAdaptive) load_pack(s.w + i, a0, a1);
-    s0 = s0 + norm_term<kAdaptive>(d0, a0.abs(), eta);
-    s1 = s1 + norm_term<kAdaptive>(d1, a1.abs(), eta);
+    if constexpr (kAdaptive) {
+      Vec w0, w1;
+      load_pack(s.w + i, w0, w1);
+      sums.add_scaled(d0, d1, w0.abs() + eta, w1.abs() + eta);
+    } else {
+      sums.add(d0, d1);
+    }
+  };
+  // If fp32 overflowed, the piece is summed again in fp64 from the direction as stored (step has written it).
+  double sum = blocked_sum<T>(lo, vec_hi, step, [&](int64_t b, int64_t e) {
+    return wide_sumsq<T>(s.g, kAdaptive ? s.w : nullptr, b, e, c.eta);
   });
   for (int64_t i = vec_hi; i < hi; ++i) {
     float d;
@@ -75,14 +73,18 @@ float fsam_piece(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars&
       s.m[i] = from_f32<T>(fsam_ema(g, m, c.lmbda, c.one_minus_lmbda));
       d = to_f32(s.g[i]);
     }
-    const float w_abs = kAdaptive ? std::fabs(to_f32(s.w[i])) : 1.0f;
-    sum += norm_term<kAdaptive>(d, w_abs, c.eta);
+    if constexpr (kAdaptive) {
+      const float t = std::fabs(to_f32(s.w[i])) + c.eta;
+      sum += square_scaled(static_cast<double>(d), static_cast<double>(t));
+    } else {
+      sum += square(static_cast<double>(d));
+    }
   }
   return sum;
 }
 
 template <class T, bool kFirst>
-float fsam_piece_dispatch(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars& c) {
+double fsam_piece_dispatch(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars& c) {
   return s.w ? fsam_piece<T, kFirst, true>(s, lo, hi, c) : fsam_piece<T, kFirst, false>(s, lo, hi, c);
 }
 
@@ -131,7 +133,7 @@ at::ScalarType check_inputs(at::TensorList grads, at::TensorList ema, const std:
 at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigma, double lmbda, bool first,
                            std::optional<at::TensorList> params, double eta) {
   const auto dtype = check_inputs(grads, ema, params);
-  if (grads.empty()) return at::zeros({1}, at::TensorOptions().dtype(at::kFloat));
+  if (grads.empty()) return at::zeros({1}, at::TensorOptions().dtype(at::kDouble));
   // 1 - lmbda in double, then rounded once: the reference computes it as a Python float.
   const FsamScalars c{static_cast<float>(sigma), static_cast<float>(lmbda), static_cast<float>(1.0 - lmbda),
                       static_cast<float>(eta)};

@@ -2,11 +2,11 @@
 //
 // perturb_ is the memory-bound heart of the first step, so it does everything in one pass over the data: read w and
 // g, write the bit-exact backup of w and the perturbed w (16 bytes per fp32 parameter, the minimum). The scale
-// rho / (sqrt(sumsq) + eps) is read from the CPU sumsq tensor inside the op; non-finite sumsq (overflowed or NaN
-// gradients) leaves w untouched and still writes the backup, as the reference does. perturb_batched writes k
-// perturbed copies for parallel micro-batches; restore_ copies the backups back (bits copied: bit-exact). When an
-// op's lists do not fit in the LLC together, the backups (perturb_) and the restored weights (restore_) go out with
-// streaming stores (streaming.h): 4 bytes less DRAM traffic per written fp32 element.
+// rho / (sqrt(sumsq) + eps) is computed in fp64 from the (fp64) CPU sumsq tensor inside the op and rounded once to
+// fp32; non-finite sumsq (inf or NaN gradients) leaves w untouched and still writes the backup, as the reference
+// does. perturb_batched writes k perturbed copies for parallel micro-batches; restore_ copies the backups back (bits
+// copied: bit-exact). When an op's lists do not fit in the LLC together, the backups (perturb_) and the restored
+// weights (restore_) go out with streaming stores (streaming.h): 4 bytes less DRAM traffic per written fp32 element.
 // All three run over the chunked work list of common.h, per-element math from shared/sam_math.h.
 #include "common.h"
 #include "ops.h"
@@ -243,8 +243,8 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   const char* op = "perturb_";
   const auto dtype = check_lists(op, params, true, {{grads, "grads", false, 0}, {backups, "backups", true, 0}});
   if (params.empty()) return;  // like the reference, which then never looks at sumsq
-  const float s = read_sumsq(op, sumsq, 1, /*exact_numel=*/false)[0];
-  const float scale = perturb_scale(s, static_cast<float>(rho), static_cast<float>(eps), normalize);
+  const double s = read_sumsq(op, sumsq, 1, /*exact_numel=*/false)[0];
+  const float scale = static_cast<float>(perturb_scale(s, rho, eps, normalize));
   const bool enabled = perturb_enabled(s);
   dispatch_storage(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -260,11 +260,11 @@ std::vector<at::Tensor> perturb_batched(at::TensorList params, at::TensorList gr
   if (params.empty()) return {};
   TORCH_CHECK_VALUE(k >= 1, "sam_fused.", op, ": sumsq must hold one sum per micro-batch (k >= 1)");
   const auto dtype = check_lists(op, params, false, {{grads, "grads", false, k}});
-  const std::vector<float> sums = read_sumsq(op, sumsq, k, /*exact_numel=*/true);
+  const std::vector<double> sums = read_sumsq(op, sumsq, k, /*exact_numel=*/true);
   std::vector<float> scales;
   std::vector<char> enabled;
-  for (const float s : sums) {
-    scales.push_back(perturb_scale(s, static_cast<float>(rho), static_cast<float>(eps), normalize));
+  for (const double s : sums) {
+    scales.push_back(static_cast<float>(perturb_scale(s, rho, eps, normalize)));
     enabled.push_back(perturb_enabled(s) ? 1 : 0);
   }
   std::vector<at::Tensor> outs;

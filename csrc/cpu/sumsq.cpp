@@ -4,7 +4,8 @@
 // Each (tensor, slice) is one segment of the chunked work list (common.h); every chunk writes its own partial sums,
 // one per slice, and the partials are combined in chunk order, so the result does not depend on the thread count.
 // With params (ASAM), T = |w| + eta is recomputed from the weights on the fly (broadcast over the k slices) instead of
-// being materialized.
+// being materialized. Blocks are summed in fp32 and added in fp64; where fp32 overflows the piece is redone with fp64
+// terms (common.h blocked_sum): the sum of any finite gradient is finite.
 #include "common.h"
 #include "ops.h"
 #include "sam_math_cpu.h"
@@ -26,28 +27,31 @@ struct SumSeg {
   int64_t slice;   // micro-batch index j
 };
 
-// Sum of (T * g)^2 over [lo, hi) of one segment, fp32 accumulation.
+// Sum of (T * g)^2 over [lo, hi) of one segment, T = |w| + eta in fp32; fp32 blocks, fp64 where fp32 overflows
+// (common.h blocked_sum).
 template <class T, bool kAdaptive>
-float piece_sumsq(const SumSeg<T>& s, int64_t lo, int64_t hi, float eta) {
+double piece_sumsq(const SumSeg<T>& s, int64_t lo, int64_t hi, float eta) {
   const int64_t vec_hi = vector_end(lo, hi, Pack<T>::kWidth);
   const Vec eta_v(eta);
-  float sum = blocked_sum<T>(lo, vec_hi, [&](int64_t i, Vec& s0, Vec& s1) {
+  const auto step = [&](int64_t i, FastSums& sums) {
     Vec g0, g1;
     load_pack(s.g + i, g0, g1);
     if constexpr (kAdaptive) {
       Vec w0, w1;
       load_pack(s.w + i, w0, w1);
-      s0 = s0 + square_scaled(g0, w0.abs() + eta_v);
-      s1 = s1 + square_scaled(g1, w1.abs() + eta_v);
+      sums.add_scaled(g0, g1, w0.abs() + eta_v, w1.abs() + eta_v);
     } else {
-      s0 = s0 + square(g0);
-      s1 = s1 + square(g1);
+      sums.add(g0, g1);
     }
+  };
+  double sum = blocked_sum<T>(lo, vec_hi, step, [&](int64_t b, int64_t e) {
+    return wide_sumsq<T>(s.g, kAdaptive ? s.w : nullptr, b, e, eta);
   });
-  for (int64_t i = vec_hi; i < hi; ++i) {
-    const float g = to_f32(s.g[i]);
+  for (int64_t i = vec_hi; i < hi; ++i) {  // tails: fp64 terms
+    const double g = to_f32(s.g[i]);
     if constexpr (kAdaptive) {
-      sum += square_scaled(g, std::fabs(to_f32(s.w[i])) + eta);
+      const float t = std::fabs(to_f32(s.w[i])) + eta;
+      sum += square_scaled(g, static_cast<double>(t));
     } else {
       sum += square(g);
     }
@@ -118,7 +122,7 @@ void check_inputs(at::TensorList grads, const std::optional<at::TensorList>& par
 
 at::Tensor grad_sumsq(at::TensorList grads, std::optional<at::TensorList> params, double eta, int64_t micro_batches) {
   check_inputs(grads, params, micro_batches);
-  if (grads.empty()) return at::zeros({micro_batches}, at::TensorOptions().dtype(at::kFloat));
+  if (grads.empty()) return at::zeros({micro_batches}, at::TensorOptions().dtype(at::kDouble));
   at::Tensor out;
   dispatch_storage(grads[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -82,7 +82,7 @@ at::Tensor device_sumsq(const char* op, const at::Tensor& sumsq, int64_t count, 
                       " elements, expected at least ", count);
   }
   // Device-side ops only (reshape/slice are views; .to/.contiguous copy only when needed): the kernels read it.
-  return sumsq.reshape({-1}).slice(0, 0, count).to(at::kFloat).contiguous();
+  return sumsq.reshape({-1}).slice(0, 0, count).to(at::kDouble).contiguous();
 }
 
 std::vector<int64_t> with_leading(int64_t k, at::IntArrayRef shape) {

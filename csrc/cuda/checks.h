@@ -33,8 +33,9 @@ void check_tensor(const char* op, const char* list, size_t i, const at::Tensor& 
 void check_shape(const char* op, const char* list, size_t i, const at::Tensor& t, at::IntArrayRef expected);
 // A tensor the op writes must not have internally overlapping memory (e.g. an expanded view).
 void check_writable(const char* op, const char* list, size_t i, const at::Tensor& t);
-// The fp32 device tensor of sumsq's first `count` elements (all of them, and exactly `count`, when `exact`).
-// sumsq must be a floating-point tensor on the call's device. No host synchronization.
+// The contiguous fp64 device tensor of sumsq's first `count` elements (all of them, and exactly `count`, when
+// `exact`): the perturb kernels compute the scale from it in fp64. sumsq must be a floating-point tensor (any
+// floating dtype: widened exactly) on the call's device. No host synchronization.
 at::Tensor device_sumsq(const char* op, const at::Tensor& sumsq, int64_t count, bool exact, const CallInfo& call);
 // [k, *shape]
 std::vector<int64_t> with_leading(int64_t k, at::IntArrayRef shape);

@@ -3,8 +3,9 @@
 //   later steps: d = g - sigma * ema_prev;  ema <- lmbda * ema_prev + (1 - lmbda) * g
 //   grads <- d, and the op returns sum of (T * d)^2 over all tensors (T = |w| + eta with params, else 1).
 // The sum is taken over d as STORED (rounded to the storage dtype), exactly what a later grad_sumsq of the grads
-// would see, so one pass replaces two. The sum is reduced like grad_sumsq's: per-block partials written to a buffer
-// (stage 1, here), summed in a fixed order by finish_sums (stage 2, reduce.cu).
+// would see, so one pass replaces two. The sum is fp64 and reduced like grad_sumsq's (each term squared in fp64,
+// fp64 accumulators): per-block partials written to a buffer (stage 1, here), summed in a fixed order by finish_sums
+// (stage 2, reduce.cu).
 #include "cuda/mta.cuh"
 
 namespace sam_fused::cuda {
@@ -13,7 +14,7 @@ namespace {
 // Lists: 0 grads (read, written: d), 1 ema (read unless first, written), 2 params (or null).
 template <class S>
 __global__ void __launch_bounds__(kThreads)
-    fsam_kernel(const __grid_constant__ MtaArgs<3> a, FsamScalars s, int64_t first_block, float* partials) {
+    fsam_kernel(const __grid_constant__ MtaArgs<3> a, FsamScalars s, int64_t first_block, double* partials) {
   using B = typename S::Bits;
   const Chunk c = chunk_of(a);
   B* g = list_ptr<B>(a, 0, c) + c.start;
@@ -22,7 +23,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool adaptive = p != nullptr;
   if (adaptive) p += c.start;
   const Rn sigma{s.sigma}, lmbda{s.lmbda}, one_minus_lmbda{s.one_minus_lmbda}, eta{s.eta};
-  float acc = 0.0f;
+  double acc = 0.0;
   for_each_packet<S::kWidth>(c.len, aligned16(g) && aligned16(m) && aligned16(p), [&](auto width, int64_t i) {
     constexpr int W = decltype(width)::value;
     const Raw<B, W> graw = load_raw<B, W>(g + i);
@@ -48,20 +49,20 @@ __global__ void __launch_bounds__(kThreads)
       float pf[W];
       to_float<S, W>(load_raw<B, W>(p + i), pf);
 #pragma unroll
-      for (int e = 0; e < W; ++e) acc += square_scaled(Rn{d[e]}, adaptive_factor(pf[e], eta)).v;
+      for (int e = 0; e < W; ++e) acc += square_scaled(Rd{d[e]}, Rd{adaptive_factor(pf[e], eta).v}).v;
     } else {
 #pragma unroll
-      for (int e = 0; e < W; ++e) acc += square(Rn{d[e]}).v;
+      for (int e = 0; e < W; ++e) acc += square(Rd{d[e]}).v;
     }
   });
-  const float block_total = block_sum(acc);
+  const double block_total = block_sum(acc);
   if (threadIdx.x == 0) partials[first_block + blockIdx.x] = block_total;
 }
 
 }  // namespace
 
 cudaError_t launch_fsam(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, const FsamScalars& s,
-                        float* partials, cudaStream_t stream) {
+                        double* partials, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto storage) {
     using S = decltype(storage);
     return for_each_launch(plan, t, [&](const MtaArgs<3>& args, int64_t first_block, unsigned blocks) {

@@ -34,7 +34,8 @@ inline mta::Plan plan_for_depth(const std::vector<int64_t>& numel, int depth) {
 }
 
 struct PerturbScalars {
-  float rho, eps, eta;
+  double rho, eps;  // as given: the scale is computed in fp64 (perturb_scale) and rounded once to fp32
+  float eta;
   bool adaptive, normalize;
 };
 
@@ -43,21 +44,24 @@ struct FsamScalars {
   bool first;
 };
 
+// Sums of squares are fp64 for every storage dtype (sam_math.h): partial sums, results and the sumsq the perturb
+// kernels read are device fp64.
+
 // grad_sumsq, first stage. Lists: 0 grads (k slices of numel[i] each), 1 params (or null: T = 1). Writes block b's
 // sum for slice j to partials[j * plan.total_blocks + b].
 cudaError_t launch_grad_sumsq(DType dtype, const mta::Plan& plan, const PtrTable<2>& t, int64_t k, float eta,
-                              float* partials, cudaStream_t stream);
+                              double* partials, cudaStream_t stream);
 
 // Second stage of every reduction: out[j] = sum of partials[j * blocks .. (j + 1) * blocks), in a fixed order.
-cudaError_t launch_finish_sums(const float* partials, int64_t blocks, int64_t k, float* out, cudaStream_t stream);
+cudaError_t launch_finish_sums(const double* partials, int64_t blocks, int64_t k, double* out, cudaStream_t stream);
 
-// perturb_. Lists: 0 params (written), 1 grads, 2 backups (written). sumsq: device fp32, element 0 is read.
-cudaError_t launch_perturb(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, const float* sumsq,
+// perturb_. Lists: 0 params (written), 1 grads, 2 backups (written). sumsq: device fp64, element 0 is read.
+cudaError_t launch_perturb(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, const double* sumsq,
                            const PerturbScalars& s, cudaStream_t stream);
 
-// perturb_batched. Lists: 0 params, 1 grads (k slices), 2 outputs (k slices, written). sumsq: device fp32 [k].
+// perturb_batched. Lists: 0 params, 1 grads (k slices), 2 outputs (k slices, written). sumsq: device fp64 [k].
 cudaError_t launch_perturb_batched(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, int64_t k,
-                                   const float* sumsq, const PerturbScalars& s, cudaStream_t stream);
+                                   const double* sumsq, const PerturbScalars& s, cudaStream_t stream);
 
 // restore_: list 0 (written) <- list 1, as raw words of elem_size bytes (bit-exact whatever the dtype).
 cudaError_t launch_restore(size_t elem_size, const mta::Plan& plan, const PtrTable<2>& t, cudaStream_t stream);
@@ -65,6 +69,6 @@ cudaError_t launch_restore(size_t elem_size, const mta::Plan& plan, const PtrTab
 // fsam_direction_. Lists: 0 grads (written: d), 1 ema (written), 2 params (or null: T = 1). Writes block b's sum of
 // (T*d)^2 to partials[b].
 cudaError_t launch_fsam(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, const FsamScalars& s,
-                        float* partials, cudaStream_t stream);
+                        double* partials, cudaStream_t stream);
 
 }  // namespace sam_fused::cuda

@@ -4,13 +4,15 @@
 //     block -> (tensor slot, chunk) map) that the host fills from an mta::Plan; for_each_launch() fills it and
 //     launches once per planned launch, i.e. several times only when one struct cannot hold the whole list.
 //   * Storage traits (fp32, bf16, fp16): raw packets of 16 bytes for the aligned vector path, conversions to fp32 so
-//     all math and accumulation is fp32, round-to-nearest-even stores (what torch's .to(dtype) does).
+//     all elementwise math is fp32, round-to-nearest-even stores (what torch's .to(dtype) does).
 //   * Rn: fp32 whose + - * are the IEEE round-to-nearest intrinsics. nvcc contracts a*b+c into one FMA by default;
 //     the reference (separate torch ops) rounds every step, so the shared formulas of sam_math.h are instantiated
-//     with Rn to keep the reference's rounding, element for element.
+//     with Rn to keep the reference's rounding, element for element. Rd: the same for the fp64 terms of the sums of
+//     squares (sam_math.h: every term is formed and squared in fp64), so no square is fused into its accumulation.
 //   * for_each_packet: the aligned vector loop with a scalar tail (or the scalar loop when a pointer is misaligned).
 //   * block_sum: a fixed-order block reduction (warp shuffles, then one warp over the warp sums): no atomics, so the
-//     per-block partial sums, and the sums the finishing kernel makes of them, are deterministic.
+//     per-block partial sums, and the sums the finishing kernel makes of them, are deterministic. The sums of
+//     squares use it in fp64, from the per-thread accumulators to the finishing stage.
 // Included only by the .cu files; it has no torch dependency.
 #pragma once
 
@@ -163,7 +165,7 @@ cudaError_t dispatch_dtype(DType dtype, F&& body) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Rn: fp32 arithmetic rounded at every operation (never fused), for the formulas of sam_math.h.
+// Rn, Rd: arithmetic rounded at every operation (never fused), for the formulas of sam_math.h.
 
 struct Rn {
   float v;
@@ -188,6 +190,19 @@ __host__ __device__ __forceinline__ Rn operator-(Rn a, Rn b) {
 __host__ __device__ __forceinline__ Rn operator*(Rn a, Rn b) {
 #ifdef __CUDA_ARCH__
   return {__fmul_rn(a.v, b.v)};
+#else
+  return {a.v * b.v};
+#endif
+}
+
+// Rd: fp64 products rounded at every operation, for the terms of the sums of squares (square, square_scaled).
+struct Rd {
+  double v;
+};
+
+__host__ __device__ __forceinline__ Rd operator*(Rd a, Rd b) {
+#ifdef __CUDA_ARCH__
+  return {__dmul_rn(a.v, b.v)};
 #else
   return {a.v * b.v};
 #endif

@@ -16,23 +16,25 @@
 namespace sam_fused::cuda {
 namespace {
 
-at::TensorOptions f32_on(const CallInfo& call) { return at::TensorOptions().dtype(at::kFloat).device(call.device); }
+// Sums of squares are fp64 for every storage dtype (csrc/shared/sam_math.h), on the device and for empty lists.
+at::TensorOptions sumsq_options() { return at::TensorOptions().dtype(at::kDouble); }
+at::TensorOptions sumsq_on(const CallInfo& call) { return sumsq_options().device(call.device); }
 
 cudaStream_t current_stream(const CallInfo& call) {
   return c10::cuda::getCurrentCUDAStream(call.device.index()).stream();
 }
 
 // Both stages of a reduction into k sums: stage1(partials) enqueues the op's kernels, which leave per-block partial
-// sums in a [k, total_blocks] buffer; finish_sums adds each row in a fixed order. No blocks (every tensor empty):
-// zeros.
+// sums in a [k, total_blocks] fp64 buffer; finish_sums adds each row in a fixed order. No blocks (every tensor
+// empty): zeros.
 template <class Stage1>
 at::Tensor two_stage_sum(const mta::Plan& plan, int64_t k, const CallInfo& call, cudaStream_t stream,
                          Stage1&& stage1) {
-  if (plan.total_blocks == 0) return at::zeros({k}, f32_on(call));
-  at::Tensor partials = at::empty({k * plan.total_blocks}, f32_on(call));
-  C10_CUDA_CHECK(stage1(partials.data_ptr<float>()));
-  at::Tensor out = at::empty({k}, f32_on(call));
-  C10_CUDA_CHECK(launch_finish_sums(partials.const_data_ptr<float>(), plan.total_blocks, k, out.data_ptr<float>(),
+  if (plan.total_blocks == 0) return at::zeros({k}, sumsq_on(call));
+  at::Tensor partials = at::empty({k * plan.total_blocks}, sumsq_on(call));
+  C10_CUDA_CHECK(stage1(partials.data_ptr<double>()));
+  at::Tensor out = at::empty({k}, sumsq_on(call));
+  C10_CUDA_CHECK(launch_finish_sums(partials.const_data_ptr<double>(), plan.total_blocks, k, out.data_ptr<double>(),
                                     stream));
   return out;
 }
@@ -44,7 +46,7 @@ at::Tensor grad_sumsq(at::TensorList grads, std::optional<at::TensorList> params
   TORCH_CHECK_VALUE(micro_batches >= 1, "sam_fused.", op, ": micro_batches must be >= 1, got ", micro_batches);
   const int64_t k = micro_batches;
   if (params) check_length(op, "params", params->size(), "grads", grads.size());
-  if (grads.empty()) return at::zeros({k}, at::TensorOptions().dtype(at::kFloat));  // as the reference: on the CPU
+  if (grads.empty()) return at::zeros({k}, sumsq_options());  // as the reference: on the CPU
   const CallInfo call = call_info(op, "grads", grads[0]);
   const c10::cuda::CUDAGuard guard(call.device);
   Staging staging;
@@ -75,7 +77,7 @@ at::Tensor grad_sumsq(at::TensorList grads, std::optional<at::TensorList> params
   }
   const mta::Plan plan = plan_for_depth(table.numel, 2);
   const cudaStream_t stream = current_stream(call);
-  at::Tensor out = two_stage_sum(plan, k, call, stream, [&](float* partials) {
+  at::Tensor out = two_stage_sum(plan, k, call, stream, [&](double* partials) {
     return launch_grad_sumsq(call.kernel_dtype, plan, table, k, static_cast<float>(eta), partials, stream);
   });
   staging.finish();
@@ -107,9 +109,8 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
   }
   const mta::Plan plan = plan_for_depth(table.numel, 3);
   if (plan.total_blocks > 0) {
-    const PerturbScalars scalars{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(eta), adaptive,
-                                 normalize};
-    C10_CUDA_CHECK(launch_perturb(call.kernel_dtype, plan, table, s.const_data_ptr<float>(), scalars,
+    const PerturbScalars scalars{rho, eps, static_cast<float>(eta), adaptive, normalize};
+    C10_CUDA_CHECK(launch_perturb(call.kernel_dtype, plan, table, s.const_data_ptr<double>(), scalars,
                                   current_stream(call)));
   }
   staging.finish();
@@ -145,9 +146,8 @@ std::vector<at::Tensor> perturb_batched(at::TensorList params, at::TensorList gr
   }
   const mta::Plan plan = plan_for_depth(table.numel, 3);
   if (plan.total_blocks > 0) {
-    const PerturbScalars scalars{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(eta), adaptive,
-                                 normalize};
-    C10_CUDA_CHECK(launch_perturb_batched(call.kernel_dtype, plan, table, k, s.const_data_ptr<float>(), scalars,
+    const PerturbScalars scalars{rho, eps, static_cast<float>(eta), adaptive, normalize};
+    C10_CUDA_CHECK(launch_perturb_batched(call.kernel_dtype, plan, table, k, s.const_data_ptr<double>(), scalars,
                                           current_stream(call)));
   }
   return outs;
@@ -183,7 +183,7 @@ at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigm
   constexpr const char* op = "fsam_direction_";
   check_length(op, "ema", ema.size(), "grads", grads.size());
   if (params) check_length(op, "params", params->size(), "grads", grads.size());
-  if (grads.empty()) return at::zeros({1}, at::TensorOptions().dtype(at::kFloat));  // as the reference: on the CPU
+  if (grads.empty()) return at::zeros({1}, sumsq_options());  // as the reference: on the CPU
   const CallInfo call = call_info(op, "grads", grads[0]);
   const c10::cuda::CUDAGuard guard(call.device);
   Staging staging;
@@ -210,7 +210,7 @@ at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigm
   const FsamScalars scalars{static_cast<float>(sigma), static_cast<float>(lmbda), static_cast<float>(1.0 - lmbda),
                             static_cast<float>(eta), first};
   const cudaStream_t stream = current_stream(call);
-  at::Tensor out = two_stage_sum(plan, 1, call, stream, [&](float* partials) {
+  at::Tensor out = two_stage_sum(plan, 1, call, stream, [&](double* partials) {
     return launch_fsam(call.kernel_dtype, plan, table, scalars, partials, stream);
   });
   staging.finish();

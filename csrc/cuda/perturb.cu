@@ -2,15 +2,22 @@
 //
 // perturb_ is the hot one: in ONE pass over memory it saves the weight to its backup and moves it,
 //   backup <- w;  w <- w + scale * (T^2 * g),  scale = rho / (sqrt(sumsq) + eps)  (rho when unnormalized),
-// reading the data-dependent sumsq from device memory inside the kernel, so the host never waits for the norm and a
-// whole SAM step can be captured in a CUDA graph. A non-finite sumsq (inf/NaN gradients) leaves w untouched (the
-// backup is still written, so a later restore_ is harmless).
+// reading the data-dependent sumsq (fp64) from device memory inside the kernel, so the host never waits for the norm
+// and a whole SAM step can be captured in a CUDA graph. The scale is computed in fp64 (perturb_scale, from rho and
+// eps as given) and rounded once to fp32, so a norm above the fp32 range still moves w; the per-element math is
+// fp32. A non-finite sumsq (inf/NaN gradients) leaves w untouched (the backup is still written, so a later restore_
+// is harmless).
 // perturb_batched writes k perturbed copies (one per micro-batch slice) instead of moving w.
 // restore_ copies raw storage words, so it is bit-exact for any value, NaN payloads included.
 #include "cuda/mta.cuh"
 
 namespace sam_fused::cuda {
 namespace {
+
+// The fp32 scale for a sum of squares: computed in fp64, rounded once (0 when sumsq is not finite).
+__device__ __forceinline__ Rn scale_of(double sumsq, const PerturbScalars& s) {
+  return Rn{static_cast<float>(perturb_scale(sumsq, s.rho, s.eps, s.normalize))};
+}
 
 // w' for one element, through the shared formulas (fp32, rounded at every step like the reference).
 __device__ __forceinline__ float perturb_one(float w, float g, Rn scale, bool adaptive, Rn eta) {
@@ -21,15 +28,15 @@ __device__ __forceinline__ float perturb_one(float w, float g, Rn scale, bool ad
 // Lists: 0 params (read, written), 1 grads, 2 backups (written).
 template <class S>
 __global__ void __launch_bounds__(kThreads)
-    perturb_kernel(const __grid_constant__ MtaArgs<3> a, const float* sumsq, PerturbScalars s) {
+    perturb_kernel(const __grid_constant__ MtaArgs<3> a, const double* sumsq, PerturbScalars s) {
   using B = typename S::Bits;
   const Chunk c = chunk_of(a);
   B* w = list_ptr<B>(a, 0, c) + c.start;
   const B* g = list_ptr<const B>(a, 1, c) + c.start;
   B* backup = list_ptr<B>(a, 2, c) + c.start;
-  const float ss = sumsq[0];
+  const double ss = sumsq[0];
   const bool enabled = perturb_enabled(ss);
-  const Rn scale{perturb_scale(ss, s.rho, s.eps, s.normalize)};
+  const Rn scale = scale_of(ss, s);
   const Rn eta{s.eta};
   const bool vectorized = aligned16(w) && aligned16(g) && aligned16(backup);
   for_each_packet<S::kWidth>(c.len, vectorized, [&](auto width, int64_t i) {
@@ -49,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
 // Lists: 0 params, 1 grads [k, *shape], 2 outputs [k, *shape] (written). Slice j uses sumsq[j].
 template <class S>
 __global__ void __launch_bounds__(kThreads)
-    perturb_batched_kernel(const __grid_constant__ MtaArgs<3> a, int64_t k, const float* sumsq, PerturbScalars s) {
+    perturb_batched_kernel(const __grid_constant__ MtaArgs<3> a, int64_t k, const double* sumsq, PerturbScalars s) {
   using B = typename S::Bits;
   const Chunk c = chunk_of(a);
   const B* w = list_ptr<const B>(a, 0, c) + c.start;
@@ -59,9 +66,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = 0; j < k; ++j) {
     const B* g = g0 + j * c.numel + c.start;
     B* out = out0 + j * c.numel + c.start;
-    const float ss = sumsq[j];
+    const double ss = sumsq[j];
     const bool enabled = perturb_enabled(ss);
-    const Rn scale{perturb_scale(ss, s.rho, s.eps, s.normalize)};
+    const Rn scale = scale_of(ss, s);
     const bool vectorized = aligned16(w) && aligned16(g) && aligned16(out);
     for_each_packet<S::kWidth>(c.len, vectorized, [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
@@ -95,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(const __grid_constant
 
 }  // namespace
 
-cudaError_t launch_perturb(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, const float* sumsq,
+cudaError_t launch_perturb(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, const double* sumsq,
                            const PerturbScalars& s, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto storage) {
     using S = decltype(storage);
@@ -106,7 +113,7 @@ cudaError_t launch_perturb(DType dtype, const mta::Plan& plan, const PtrTable<3>
 }
 
 cudaError_t launch_perturb_batched(DType dtype, const mta::Plan& plan, const PtrTable<3>& t, int64_t k,
-                                   const float* sumsq, const PerturbScalars& s, cudaStream_t stream) {
+                                   const double* sumsq, const PerturbScalars& s, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto storage) {
     using S = decltype(storage);
     return for_each_launch(plan, t, [&](const MtaArgs<3>& args, int64_t, unsigned blocks) {

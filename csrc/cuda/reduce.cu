@@ -7,7 +7,11 @@
 //
 // Determinism without atomics: stage 1 has every block write its own partial sum per slice to a buffer (slot
 // j * total_blocks + global block number); stage 2 (finish_sums) sums each slice's row in a fixed order. The result
-// depends only on the tensor sizes, never on scheduling. Accumulation is fp32 inside blocks, fp64 across blocks.
+// depends only on the tensor sizes, never on scheduling.
+//
+// Everything is fp64 (sam_math.h): each term is squared in fp64 from the fp32 value of g (and t), and the per-thread
+// accumulators, the block reduction, the partials and the finishing stage are fp64, so the sum of any finite
+// gradient is finite (an fp32 sum overflows once |g| > ~1.8e19).
 #include "cuda/mta.cuh"
 
 namespace sam_fused::cuda {
@@ -16,7 +20,7 @@ namespace {
 template <class S>
 __global__ void __launch_bounds__(kThreads)
     grad_sumsq_kernel(const __grid_constant__ MtaArgs<2> a, int64_t first_block, int64_t total_blocks, int64_t k,
-                      float eta_f, float* partials) {
+                      float eta_f, double* partials) {
   using B = typename S::Bits;
   const Chunk c = chunk_of(a);
   const B* g0 = list_ptr<const B>(a, 0, c);
@@ -26,7 +30,7 @@ __global__ void __launch_bounds__(kThreads)
   const Rn eta{eta_f};
   for (int64_t j = 0; j < k; ++j) {
     const B* g = g0 + j * c.numel + c.start;  // slice j of a [k, *p.shape] gradient (k = 1: the gradient)
-    float acc = 0.0f;
+    double acc = 0.0;
     for_each_packet<S::kWidth>(c.len, aligned16(g) && aligned16(p), [&](auto width, int64_t i) {
       constexpr int W = decltype(width)::value;
       float gf[W];
@@ -35,31 +39,31 @@ __global__ void __launch_bounds__(kThreads)
         float pf[W];
         to_float<S, W>(load_raw<B, W>(p + i), pf);
 #pragma unroll
-        for (int e = 0; e < W; ++e) acc += square_scaled(Rn{gf[e]}, adaptive_factor(pf[e], eta)).v;
+        for (int e = 0; e < W; ++e) acc += square_scaled(Rd{gf[e]}, Rd{adaptive_factor(pf[e], eta).v}).v;
       } else {
 #pragma unroll
-        for (int e = 0; e < W; ++e) acc += square(Rn{gf[e]}).v;
+        for (int e = 0; e < W; ++e) acc += square(Rd{gf[e]}).v;
       }
     });
-    const float block_total = block_sum(acc);
+    const double block_total = block_sum(acc);
     if (threadIdx.x == 0) partials[j * total_blocks + first_block + blockIdx.x] = block_total;
   }
 }
 
 // One block per slice j: out[j] = sum of its row of partials. Thread t adds elements t, t + blockDim, ... in order,
 // then block_sum combines the threads in a fixed order.
-__global__ void __launch_bounds__(kThreads) finish_sums_kernel(const float* partials, int64_t blocks, float* out) {
-  const float* row = partials + static_cast<int64_t>(blockIdx.x) * blocks;
+__global__ void __launch_bounds__(kThreads) finish_sums_kernel(const double* partials, int64_t blocks, double* out) {
+  const double* row = partials + static_cast<int64_t>(blockIdx.x) * blocks;
   double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < blocks; i += blockDim.x) acc += static_cast<double>(row[i]);
+  for (int64_t i = threadIdx.x; i < blocks; i += blockDim.x) acc += row[i];
   const double total = block_sum(acc);
-  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(total);
+  if (threadIdx.x == 0) out[blockIdx.x] = total;
 }
 
 }  // namespace
 
 cudaError_t launch_grad_sumsq(DType dtype, const mta::Plan& plan, const PtrTable<2>& t, int64_t k, float eta,
-                              float* partials, cudaStream_t stream) {
+                              double* partials, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto storage) {
     using S = decltype(storage);
     return for_each_launch(plan, t, [&](const MtaArgs<2>& args, int64_t first_block, unsigned blocks) {
@@ -68,7 +72,7 @@ cudaError_t launch_grad_sumsq(DType dtype, const mta::Plan& plan, const PtrTable
   });
 }
 
-cudaError_t launch_finish_sums(const float* partials, int64_t blocks, int64_t k, float* out, cudaStream_t stream) {
+cudaError_t launch_finish_sums(const double* partials, int64_t blocks, int64_t k, double* out, cudaStream_t stream) {
   if (k < 1 || k > 0x7fffffff) return cudaErrorInvalidValue;
   finish_sums_kernel<<<static_cast<unsigned>(k), kThreads, 0, stream>>>(partials, blocks, out);
   return cudaGetLastError();

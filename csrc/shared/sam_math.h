@@ -7,7 +7,7 @@
 #pragma once
 
 #include <cmath>
-#include <math.h>  // unqualified isfinite/sqrtf on the host, as on the device
+#include <math.h>  // unqualified isfinite/sqrt on the host, as on the device
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SAM_HD __host__ __device__ __forceinline__
@@ -19,14 +19,19 @@ namespace sam_fused {
 
 constexpr float kDefaultEps = 1e-12f;
 
+// The sum of squares is fp64 whatever the storage dtype: each term is formed and squared in fp64 (exact for fp32
+// values), so any finite fp32/bf16/fp16 gradient has a finite sum (|g| <= 3.4e38: g^2 <= 1.2e77), where an fp32 sum
+// overflows once |g| > 1.8e19 and would skip the step.
+//
 // scale = rho / (sqrt(sumsq) + eps), or rho when the perturbation is unnormalized; 0 when sumsq is not finite
-// (non-finite gradients: the kernels then leave w untouched rather than multiply inf by 0).
-SAM_HD float perturb_scale(float sumsq, float rho, float eps, bool normalize) {
-  if (!isfinite(sumsq)) return 0.0f;
-  return normalize ? rho / (sqrtf(sumsq) + eps) : rho;
+// (non-finite gradients: the kernels then leave w untouched rather than multiply inf by 0). Computed in fp64 and
+// rounded once to the weights' math dtype by the caller (a norm above the fp32 range still gives a nonzero scale).
+SAM_HD double perturb_scale(double sumsq, double rho, double eps, bool normalize) {
+  if (!isfinite(sumsq)) return 0.0;
+  return normalize ? rho / (sqrt(sumsq) + eps) : rho;
 }
 
-SAM_HD bool perturb_enabled(float sumsq) { return isfinite(sumsq); }
+SAM_HD bool perturb_enabled(double sumsq) { return isfinite(sumsq); }
 
 // SAM: w' = w + scale * g
 template <class V>
@@ -40,7 +45,7 @@ SAM_HD V perturbed_adaptive(V w, V t, V g, V scale) {
   return w + scale * ((t * t) * g);
 }
 
-// Term of the squared norm: (t * g)^2, or g^2 without the adaptive factor.
+// Term of the squared norm: g^2 (in fp64, see above).
 template <class V>
 SAM_HD V square(V x) {
   return x * x;
@@ -58,8 +63,8 @@ SAM_HD V fsam_ema(V g, V m_prev, V lmbda, V one_minus_lmbda) {
   return m_prev * lmbda + g * one_minus_lmbda;
 }
 
-// Term of the ASAM squared norm ||T * g||^2: (g * t)^2 with t = |w| + eta computed by the caller (the reference
-// multiplies g by t, rounds, then squares).
+// Term of the ASAM squared norm ||T * g||^2: (g * t)^2, called with V = double (or a vector of doubles): t = |w| + eta
+// is computed by the caller in the weights' math dtype (as the perturbation uses it), then g * t and its square in fp64.
 template <class V>
 SAM_HD V square_scaled(V g, V t) {
   return square(g * t);

@@ -5,8 +5,9 @@
 // launches are rewritten to `emu::launch(kernel, emu::Grid{grid, block, smem, stream}, args)`. This header then
 // supplies what the kernels use of CUDA's device side: one std::thread per CUDA thread, a std::barrier for
 // __syncthreads, a per-warp exchange for __shfl_down_sync, function-static storage for __shared__ (blocks run
-// one after another), and the IEEE intrinsics as plain fp32 operations (built with -ffp-contract=off). The bf16/fp16
-// conversions are the CUDA headers' own host implementations.
+// one after another), and the IEEE intrinsics as plain fp32/fp64 operations (built with -ffp-contract=off). The
+// bf16/fp16 conversions are the CUDA headers' own host implementations. Shuffles carry a double, which holds every
+// value the kernels exchange (fp32 or fp64) exactly.
 //
 // What this verifies: the kernels' indexing (chunks, micro-batch slices, vector packets and scalar tails, aligned
 // and misaligned pointers), the argument struct filling and multi-launch loop, the per-element math and the
@@ -110,4 +111,5 @@ void launch(K kernel, Grid g, A... args) {
 #define __fadd_rn(a, b) ((a) + (b))
 #define __fsub_rn(a, b) ((a) - (b))
 #define __fmul_rn(a, b) ((a) * (b))
+#define __dmul_rn(a, b) ((a) * (b))
 #define cudaGetLastError() cudaSuccess

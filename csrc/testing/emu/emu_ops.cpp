@@ -3,8 +3,9 @@
 // without a GPU. Test support only: built on the fly by that test, never part of an installed extension.
 //
 // The wrappers mirror what csrc/cuda/ops.cpp hands the launchers (one address and element count per tensor, the
-// plan of plan_for_depth, fp32 sumsq, partial-sum buffers) for contiguous tensors; validation and layout staging are
-// ops.cpp's job and are not exercised here. reduce.inc, perturb.inc and fsam.inc are the rewritten kernel files.
+// plan of plan_for_depth, fp64 sumsq and partial-sum buffers, rho and eps as given) for contiguous tensors; validation
+// and layout staging are ops.cpp's job and are not exercised here. reduce.inc, perturb.inc and fsam.inc are the
+// rewritten kernel files.
 #include "cuda_emu.h"  // first: it redefines the CUDA keywords the kernel files use
 
 #include "fsam.inc"
@@ -43,12 +44,13 @@ void* addr(const at::Tensor& t) {
 void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "sam_fused_emu: launcher returned error ", err); }
 
 // Stage 1 writes into a NaN-filled buffer, so a partial sum a block failed to write poisons the result.
-at::Tensor two_stage(const sam_fused::mta::Plan& plan, int64_t k, const std::function<cudaError_t(float*)>& stage1) {
-  if (plan.total_blocks == 0) return at::zeros({k});
-  at::Tensor partials = at::full({k * plan.total_blocks}, NAN);
-  check(stage1(partials.data_ptr<float>()));
-  at::Tensor out = at::empty({k});
-  check(launch_finish_sums(partials.data_ptr<float>(), plan.total_blocks, k, out.data_ptr<float>(), nullptr));
+at::Tensor two_stage(const sam_fused::mta::Plan& plan, int64_t k, const std::function<cudaError_t(double*)>& stage1) {
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  if (plan.total_blocks == 0) return at::zeros({k}, f64);
+  at::Tensor partials = at::full({k * plan.total_blocks}, NAN, f64);
+  check(stage1(partials.data_ptr<double>()));
+  at::Tensor out = at::empty({k}, f64);
+  check(launch_finish_sums(partials.data_ptr<double>(), plan.total_blocks, k, out.data_ptr<double>(), nullptr));
   return out;
 }
 
@@ -60,13 +62,13 @@ at::Tensor grad_sumsq(at::TensorList grads, std::optional<at::TensorList> params
     t.numel.push_back(grads[i].numel() / k);
   }
   const auto plan = plan_for_depth(t.numel, 2);
-  return two_stage(plan, k, [&](float* partials) {
+  return two_stage(plan, k, [&](double* partials) {
     return launch_grad_sumsq(kernel_dtype(grads[0]), plan, t, k, static_cast<float>(eta), partials, nullptr);
   });
 }
 
 PerturbScalars scalars(double rho, double eps, double eta, bool adaptive, bool normalize) {
-  return PerturbScalars{static_cast<float>(rho), static_cast<float>(eps), static_cast<float>(eta), adaptive, normalize};
+  return PerturbScalars{rho, eps, static_cast<float>(eta), adaptive, normalize};
 }
 
 void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sumsq, double rho,
@@ -79,8 +81,8 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
     t.numel.push_back(params[i].numel());
   }
   const auto plan = plan_for_depth(t.numel, 3);
-  const at::Tensor s = sumsq.reshape({-1}).slice(0, 0, 1).to(at::kFloat).contiguous();
-  check(launch_perturb(kernel_dtype(params[0]), plan, t, s.data_ptr<float>(),
+  const at::Tensor s = sumsq.reshape({-1}).slice(0, 0, 1).to(at::kDouble).contiguous();
+  check(launch_perturb(kernel_dtype(params[0]), plan, t, s.data_ptr<double>(),
                        scalars(rho, eps, eta, adaptive, normalize), nullptr));
 }
 
@@ -99,8 +101,8 @@ std::vector<at::Tensor> perturb_batched(at::TensorList params, at::TensorList gr
     t.numel.push_back(params[i].numel());
   }
   const auto plan = plan_for_depth(t.numel, 3);
-  const at::Tensor s = sumsq.to(at::kFloat).contiguous();
-  check(launch_perturb_batched(kernel_dtype(params[0]), plan, t, k, s.data_ptr<float>(),
+  const at::Tensor s = sumsq.to(at::kDouble).contiguous();
+  check(launch_perturb_batched(kernel_dtype(params[0]), plan, t, k, s.data_ptr<double>(),
                                scalars(rho, eps, eta, adaptive, normalize), nullptr));
   return outs;
 }
@@ -128,7 +130,7 @@ at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigm
   const auto plan = plan_for_depth(t.numel, 3);
   const FsamScalars s{static_cast<float>(sigma), static_cast<float>(lmbda), static_cast<float>(1.0 - lmbda),
                       static_cast<float>(eta), first};
-  return two_stage(plan, 1, [&](float* partials) {
+  return two_stage(plan, 1, [&](double* partials) {
     return launch_fsam(kernel_dtype(grads[0]), plan, t, s, partials, nullptr);
   });
 }
