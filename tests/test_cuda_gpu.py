@@ -333,9 +333,11 @@ def test_non_contiguous_and_channels_last() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_tensors_and_launches(dtype: torch.dtype) -> None:
-    """More tensors than one argument struct holds (300 > 56..72) and one tensor with more chunks than one launch
-    has blocks (320 * 16K + 5 elements): several launches per op, partial sums across them."""
-    shapes = [(i % 17 + 1, 3) for i in range(300)] + [(320 * 16384 + 5,)] + [(5, 5)] * 3
+    """More tensors than one argument struct holds (1,300 > 631..842 slots with CUDA >= 12.1's 32 KB of kernel
+    parameters; 60..80 with 4 KB) and one tensor with more chunks than one launch has blocks (2,048 * 16K + 5
+    elements; 320 blocks with 4 KB): several launches per op, a tensor continued across launches, partial sums across
+    them."""
+    shapes = [(i % 17 + 1, 3) for i in range(1300)] + [(2048 * 16384 + 5,)] + [(5, 5)] * 3
     params, grads = _lists(dtype, seed=9, shapes=shapes)
     sumsq = reference.grad_sumsq(grads, params, 0.0)
     _assert_sums_close(ops.grad_sumsq(grads, params, 0.0, backend="cuda"), sumsq)

@@ -20,40 +20,53 @@ __global__ void __launch_bounds__(kThreads)
   B* g = list_ptr<B>(a, 0, c) + c.start;
   B* m = list_ptr<B>(a, 1, c) + c.start;
   const B* p = list_ptr<const B>(a, 2, c);
-  const bool adaptive = p != nullptr;
-  if (adaptive) p += c.start;
+  if (p != nullptr) p += c.start;
   const Rn sigma{s.sigma}, lmbda{s.lmbda}, one_minus_lmbda{s.one_minus_lmbda}, eta{s.eta};
   double acc = 0.0;
-  for_each_packet<S::kWidth>(c.len, aligned16(g) && aligned16(m) && aligned16(p), [&](auto width, int64_t i) {
-    constexpr int W = decltype(width)::value;
-    const Raw<B, W> graw = load_raw<B, W>(g + i);
-    float d[W];
-    if (s.first) {
-      store_raw<B, W>(m + i, graw);  // bit-exact copy, like the reference's copy_
-      to_float<S, W>(graw, d);
-    } else {
-      float gf[W], mf[W], m_new[W];
-      to_float<S, W>(graw, gf);
-      to_float<S, W>(load_raw<B, W>(m + i), mf);
+  with_flag(s.first, [&](auto first_flag) {
+    with_flag(p != nullptr, [&](auto adaptive_flag) {
+      constexpr bool kFirst = decltype(first_flag)::value, kAdaptive = decltype(adaptive_flag)::value;
+      for_each_packet<S::kWidth>(
+          c.len, aligned16(g) && aligned16(m) && aligned16(p),
+          [&](auto width, int64_t i) {  // 0: g, 1: ema (unless first), 2: the weight (ASAM)
+            constexpr int W = decltype(width)::value;
+            Packs<B, W, 3> r;
+            r.v[0] = load_raw<B, W>(g + i);
+            if constexpr (!kFirst) r.v[1] = load_raw<B, W>(m + i);
+            if constexpr (kAdaptive) r.v[2] = load_raw<B, W>(p + i);
+            return r;
+          },
+          [&](auto width, int64_t i, const auto& r) {
+            constexpr int W = decltype(width)::value;
+            float d[W];
+            if constexpr (kFirst) {
+              store_raw<B, W>(m + i, r.v[0]);  // bit-exact copy, like the reference's copy_
+              to_float<S, W>(r.v[0], d);
+            } else {
+              float gf[W], mf[W], m_new[W];
+              to_float<S, W>(r.v[0], gf);
+              to_float<S, W>(r.v[1], mf);
 #pragma unroll
-      for (int e = 0; e < W; ++e) {
-        d[e] = fsam_direction(Rn{gf[e]}, Rn{mf[e]}, sigma).v;
-        m_new[e] = fsam_ema(Rn{gf[e]}, Rn{mf[e]}, lmbda, one_minus_lmbda).v;
-      }
-      const Raw<B, W> draw = from_float<S, W>(d);
-      store_raw<B, W>(g + i, draw);
-      store_raw<B, W>(m + i, from_float<S, W>(m_new));
-      to_float<S, W>(draw, d);  // the norm is of the stored (rounded) direction
-    }
-    if (adaptive) {
-      float pf[W];
-      to_float<S, W>(load_raw<B, W>(p + i), pf);
+              for (int e = 0; e < W; ++e) {
+                d[e] = fsam_direction(Rn{gf[e]}, Rn{mf[e]}, sigma).v;
+                m_new[e] = fsam_ema(Rn{gf[e]}, Rn{mf[e]}, lmbda, one_minus_lmbda).v;
+              }
+              const Raw<B, W> draw = from_float<S, W>(d);
+              store_raw<B, W>(g + i, draw);
+              store_raw<B, W>(m + i, from_float<S, W>(m_new));
+              to_float<S, W>(draw, d);  // the norm is of the stored (rounded) direction
+            }
+            if constexpr (kAdaptive) {
+              float pf[W];
+              to_float<S, W>(r.v[2], pf);
 #pragma unroll
-      for (int e = 0; e < W; ++e) acc += square_scaled(Rd{d[e]}, Rd{adaptive_factor(pf[e], eta).v}).v;
-    } else {
+              for (int e = 0; e < W; ++e) acc += square_scaled(Rd{d[e]}, Rd{adaptive_factor(pf[e], eta).v}).v;
+            } else {
 #pragma unroll
-      for (int e = 0; e < W; ++e) acc += square(Rd{d[e]}).v;
-    }
+              for (int e = 0; e < W; ++e) acc += square(Rd{d[e]}).v;
+            }
+          });
+    });
   });
   const double block_total = block_sum(acc);
   if (threadIdx.x == 0) partials[first_block + blockIdx.x] = block_total;

@@ -28,9 +28,18 @@ struct PtrTable {
   std::vector<int64_t> numel;
 };
 
+// Kernel parameter budget of this build: 32,764 bytes from CUDA 12.1 on (the .cu files and this host code see the
+// same toolkit, so the argument struct and the plans agree), else the classic 4 KB.
+#if CUDART_VERSION >= 12010
+constexpr int kParamBytes = mta::kParamBytesLarge;
+#else
+constexpr int kParamBytes = mta::kParamBytesClassic;
+#endif
+
 // The plan every launcher below expects: chunks of kChunkElems, limits for a depth-D argument struct.
 inline mta::Plan plan_for_depth(const std::vector<int64_t>& numel, int depth) {
-  return mta::plan_chunks(numel, mta::kChunkElems, mta::max_tensors_for_depth(depth), mta::kMaxBlocks);
+  return mta::plan_chunks(numel, mta::kChunkElems, mta::max_tensors_for(depth, kParamBytes),
+                          mta::max_blocks_for(kParamBytes));
 }
 
 struct PerturbScalars {

@@ -2,7 +2,9 @@
 // the apex/ATen idea):
 //   * MtaArgs<D>: the by-value kernel argument struct (tensor addresses of D lists, element counts, and the
 //     block -> (tensor slot, chunk) map) that the host fills from an mta::Plan; for_each_launch() fills it and
-//     launches once per planned launch, i.e. several times only when one struct cannot hold the whole list.
+//     launches once per planned launch, i.e. several times only when one struct cannot hold the whole list. With
+//     CUDA >= 12.1 the struct uses the 32 KB kernel parameter budget (mta_planner.h): 631-842 tensors and 2,048
+//     blocks per launch, so a 2,000-tensor list is 3-4 launches per op.
 //   * Storage traits (fp32, bf16, fp16): raw packets of 16 bytes for the aligned vector path, conversions to fp32 so
 //     all elementwise math is fp32, round-to-nearest-even stores (what torch's .to(dtype) does).
 //   * Rn: fp32 whose + - * are the IEEE round-to-nearest intrinsics. nvcc contracts a*b+c into one FMA by default;
@@ -10,6 +12,8 @@
 //     with Rn to keep the reference's rounding, element for element. Rd: the same for the fp64 terms of the sums of
 //     squares (sam_math.h: every term is formed and squared in fp64), so no square is fused into its accumulation.
 //   * for_each_packet: the aligned vector loop with a scalar tail (or the scalar loop when a pointer is misaligned).
+//     Each thread issues the 16-byte loads of kUnroll packets (every list the kernel reads) before it uses any of
+//     them, so kUnroll x lists loads per thread are in flight: what a memory-bound kernel needs on an H200.
 //   * block_sum: a fixed-order block reduction (warp shuffles, then one warp over the warp sums): no atomics, so the
 //     per-block partial sums, and the sums the finishing kernel makes of them, are deterministic. The sums of
 //     squares use it in fp64, from the per-thread accumulators to the finishing stage.
@@ -33,14 +37,17 @@ constexpr int kThreads = 256;
 
 template <int D>
 struct MtaArgs {
-  static constexpr int kMaxTensors = mta::max_tensors_for_depth(D);
+  static constexpr int kMaxTensors = mta::max_tensors_for(D, kParamBytes);
+  static constexpr int kMaxBlocks = mta::max_blocks_for(kParamBytes);
   void* ptr[D][kMaxTensors];
   int64_t numel[kMaxTensors];
-  int32_t chunk[mta::kMaxBlocks];  // chunk index: the block starts at chunk * kChunkElems
-  uint16_t slot[mta::kMaxBlocks];
+  int32_t chunk[kMaxBlocks];  // chunk index: the block starts at chunk * kChunkElems
+  uint16_t slot[kMaxBlocks];
 };
-// The whole parameter list of a kernel must stay within 4 KB; the struct leaves ~300 bytes for the scalars.
-static_assert(sizeof(MtaArgs<2>) <= 3800 && sizeof(MtaArgs<3>) <= 3800, "MtaArgs exceeds the kernel argument budget");
+// A kernel's whole parameter list must fit the budget; the struct leaves kScalarBytes for the other parameters.
+static_assert(sizeof(MtaArgs<2>) + mta::kScalarBytes <= kParamBytes &&
+                  sizeof(MtaArgs<3>) + mta::kScalarBytes <= kParamBytes,
+              "MtaArgs exceeds the kernel parameter budget");
 
 // The part of one tensor this block works on.
 struct Chunk {
@@ -72,9 +79,18 @@ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_c
 // which enqueues the kernel. Returns the first launch error.
 template <int D, class L>
 cudaError_t for_each_launch(const mta::Plan& plan, const PtrTable<D>& t, L&& launch) {
+#if CUDART_VERSION >= 12010
+  // Parameters above 4 KB need a driver of CUDA 12.1 (r530) or newer; an older one (minor-version compatibility)
+  // would refuse the launch with a less telling error.
+  static const bool driver_ok = [] {
+    int version = 0;
+    return cudaDriverGetVersion(&version) == cudaSuccess && version >= 12010;
+  }();
+  if (!driver_ok) return cudaErrorInsufficientDriver;
+#endif
   for (const mta::Launch& l : plan.launches) {
     if (l.tensors.size() > static_cast<size_t>(MtaArgs<D>::kMaxTensors) ||
-        l.blocks.size() > static_cast<size_t>(mta::kMaxBlocks)) {
+        l.blocks.size() > static_cast<size_t>(MtaArgs<D>::kMaxBlocks)) {
       return cudaErrorInvalidValue;  // a plan made with other limits: refuse rather than overrun the struct
     }
     MtaArgs<D> args{};
@@ -124,6 +140,12 @@ struct F16 {
 template <class B, int W>
 struct alignas(sizeof(B) * W) Raw {
   B v[W];
+};
+
+// The packets at one position of L lists: what a kernel's load step returns to its use step (for_each_packet).
+template <class B, int W, int L>
+struct Packs {
+  Raw<B, W> v[L];
 };
 
 template <class B, int W>
@@ -219,20 +241,50 @@ struct Width {
   static constexpr int value = W;
 };
 
-// Calls f(Width<N>{}, i) for packets of N elements at i (when `vectorized`: every pointer the body touches is
-// 16-byte aligned at the chunk start), then f(Width<1>{}, i) for each remaining element. Threads stride through the
-// chunk, so consecutive threads touch consecutive packets (coalesced).
-template <int N, class F>
-__device__ __forceinline__ void for_each_packet(int64_t len, bool vectorized, F&& f) {
+template <bool V>
+struct Flag {
+  static constexpr bool value = V;
+};
+
+// Calls f(Flag<b>{}): a condition uniform over the kernel made a compile-time one, so that the loop it selects is
+// straight-line code whose loads can all be issued first.
+template <class F>
+__device__ __forceinline__ void with_flag(bool b, F&& f) {
+  if (b) {
+    f(Flag<true>{});
+  } else {
+    f(Flag<false>{});
+  }
+}
+
+// Packets per thread per iteration of the vector loop. 4 x 16 bytes per list read keeps ~4x the bytes of one packet
+// in flight per thread at a register cost that ptxas -v shows without spills (tests/test_cuda_static.py).
+constexpr int kUnroll = 4;
+
+// For each packet of N elements at i (when `vectorized`: every pointer the kernel touches is 16-byte aligned at the
+// chunk start), then for each remaining element (Width<1>): v = load(width, i); use(width, i, v). load reads every
+// list at i (and nothing else); use computes and stores. The main loop calls load for kUnroll packets before it calls
+// use for any, so their loads are in flight together; each thread still visits its packets in increasing order (the
+// order of its accumulations). Threads stride through the chunk, so consecutive threads touch consecutive packets
+// (coalesced). Lists must not overlap except element for element (in-place ops), as loads move ahead of stores.
+template <int N, class Load, class Use>
+__device__ __forceinline__ void for_each_packet(int64_t len, bool vectorized, Load&& load, Use&& use) {
   int64_t tail = 0;
   if (vectorized) {
     const int64_t full = len / N * N;
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * N; i < full; i += static_cast<int64_t>(blockDim.x) * N) {
-      f(Width<N>{}, i);
+    const int64_t step = static_cast<int64_t>(blockDim.x) * N;
+    int64_t i = static_cast<int64_t>(threadIdx.x) * N;
+    for (; i + (kUnroll - 1) * step < full; i += kUnroll * step) {
+      decltype(load(Width<N>{}, i)) v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = load(Width<N>{}, i + u * step);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) use(Width<N>{}, i + u * step, v[u]);
     }
+    for (; i < full; i += step) use(Width<N>{}, i, load(Width<N>{}, i));
     tail = full;
   }
-  for (int64_t i = tail + threadIdx.x; i < len; i += blockDim.x) f(Width<1>{}, i);
+  for (int64_t i = tail + threadIdx.x; i < len; i += blockDim.x) use(Width<1>{}, i, load(Width<1>{}, i));
 }
 
 // Sum of v over the block, valid in thread 0. Fixed order: shuffle tree in each warp, then the first warp reduces

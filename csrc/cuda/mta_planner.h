@@ -3,9 +3,10 @@
 // A multi-tensor kernel gets, by value, one argument struct holding the addresses of up to `max_tensors` tensors and
 // a map of up to `max_blocks` thread blocks to (tensor, chunk): block b processes elements
 // [chunk_start, chunk_start + chunk_len) of one tensor. Kernel arguments are limited in size (4 KB is the portable
-// budget), so a list of many tensors or many chunks needs several launches; the planner decides where to cut. It
-// lives in its own header, free of CUDA, so that the same code is unit-tested on the CPU build of torch through the
-// sam_fused_testing::plan_chunks op (csrc/testing/planner_ops.cpp, tests/test_cuda_planner.py).
+// budget; CUDA >= 12.1 allows 32 KB), so a list of many tensors or many chunks needs several launches; the planner
+// decides where to cut. It lives in its own header, free of CUDA, so that the same code is unit-tested on the CPU
+// build of torch through the sam_fused_testing::plan_chunks op (csrc/testing/planner_ops.cpp,
+// tests/test_cuda_planner.py).
 //
 // Guarantees (what the tests check): every element of every non-empty tensor is in exactly one block; empty tensors
 // get no block and no slot; a launch never has more than max_tensors tensors or max_blocks blocks; a tensor whose
@@ -20,20 +21,31 @@
 
 namespace sam_fused::mta {
 
-// Elements per block of work. 16K elements (64 KB of fp32) is 16 vector iterations per thread of a 256-thread block:
+// Elements per block of work. 16K elements (64 KB of fp32) is 16 vector packets per thread of a 256-thread block:
 // enough work to hide the block's start-up, small enough to give a ResNet-50 ~1,600 blocks to spread over the SMs.
 // It must be a multiple of every vector width the kernels use (8 elements), so that a chunk of an aligned tensor
 // starts aligned.
 constexpr int64_t kChunkElems = 16384;
 
-// Blocks per launch. With 6 bytes per block in the argument struct (a 2-byte slot and a 4-byte chunk index) this is
-// 1,920 bytes, leaving the rest of the 4 KB budget to the tensor table.
-constexpr int kMaxBlocks = 320;
+// Kernel parameter budgets. The multi-tensor kernels take their argument struct by value, so the budget bounds how
+// many tensors and blocks one launch covers. 4 KB is the classic limit; CUDA >= 12.1 allows 32,764 bytes on sm_70+
+// (driver r530+), which every architecture the project builds meets. launch.h picks one at compile time.
+constexpr int kParamBytesClassic = 4096;
+constexpr int kParamBytesLarge = 32764;
+// Bytes of each budget kept for the kernels' other parameters (pointers, counts, the *Scalars structs: <= 64 today).
+constexpr int kScalarBytes = 256;
+
+// Blocks per launch: 6 bytes each in the argument struct (a 4-byte chunk index and a 2-byte slot). With the large
+// budget, 2,048 blocks (12 KB of the 32 KB) are more than an H200 holds resident at once (132 SMs x at most 8 blocks
+// of 256 threads = 1,056), so one launch fills every SM with loads in flight; the classic budget's 320 (1,920 bytes)
+// left most SMs with 2-3 blocks.
+constexpr int max_blocks_for(int param_bytes) { return param_bytes >= kParamBytesLarge ? 2048 : 320; }
 
 // Tensors per launch for a kernel that reads or writes `depth` lists: every slot costs depth addresses plus one
-// element count (8 bytes each), and the table must fit in what kMaxBlocks leaves of a ~3.8 KB struct.
-constexpr int max_tensors_for_depth(int depth) {
-  return depth <= 1 ? 110 : depth == 2 ? 72 : depth == 3 ? 56 : 44;
+// element count (8 bytes each), in what the blocks and the scalars leave of the budget. Large budget: 1,263 / 842 /
+// 631 / 505 tensors for depth 1 / 2 / 3 / 4 (classic: 120 / 80 / 60 / 48).
+constexpr int max_tensors_for(int depth, int param_bytes) {
+  return (param_bytes - kScalarBytes - 6 * max_blocks_for(param_bytes)) / (8 * (depth + 1));
 }
 
 struct Block {

@@ -39,18 +39,26 @@ __global__ void __launch_bounds__(kThreads)
   const Rn scale = scale_of(ss, s);
   const Rn eta{s.eta};
   const bool vectorized = aligned16(w) && aligned16(g) && aligned16(backup);
-  for_each_packet<S::kWidth>(c.len, vectorized, [&](auto width, int64_t i) {
-    constexpr int W = decltype(width)::value;
-    const Raw<B, W> raw = load_raw<B, W>(w + i);
-    store_raw<B, W>(backup + i, raw);
-    if (!enabled) return;  // uniform over the grid: non-finite gradients, w stays as it is
-    float wf[W], gf[W];
-    to_float<S, W>(raw, wf);
-    to_float<S, W>(load_raw<B, W>(g + i), gf);
+  for_each_packet<S::kWidth>(
+      c.len, vectorized,
+      [&](auto width, int64_t i) {  // g is read even when disabled (a rare step): the loads need no branch
+        constexpr int W = decltype(width)::value;
+        Packs<B, W, 2> r;
+        r.v[0] = load_raw<B, W>(w + i);
+        r.v[1] = load_raw<B, W>(g + i);
+        return r;
+      },
+      [&](auto width, int64_t i, const auto& r) {
+        constexpr int W = decltype(width)::value;
+        store_raw<B, W>(backup + i, r.v[0]);
+        if (!enabled) return;  // uniform over the grid: non-finite gradients, w stays as it is
+        float wf[W], gf[W];
+        to_float<S, W>(r.v[0], wf);
+        to_float<S, W>(r.v[1], gf);
 #pragma unroll
-    for (int e = 0; e < W; ++e) wf[e] = perturb_one(wf[e], gf[e], scale, s.adaptive, eta);
-    store_raw<B, W>(w + i, from_float<S, W>(wf));
-  });
+        for (int e = 0; e < W; ++e) wf[e] = perturb_one(wf[e], gf[e], scale, s.adaptive, eta);
+        store_raw<B, W>(w + i, from_float<S, W>(wf));
+      });
 }
 
 // Lists: 0 params, 1 grads [k, *shape], 2 outputs [k, *shape] (written). Slice j uses sumsq[j].
@@ -70,20 +78,28 @@ __global__ void __launch_bounds__(kThreads)
     const bool enabled = perturb_enabled(ss);
     const Rn scale = scale_of(ss, s);
     const bool vectorized = aligned16(w) && aligned16(g) && aligned16(out);
-    for_each_packet<S::kWidth>(c.len, vectorized, [&](auto width, int64_t i) {
-      constexpr int W = decltype(width)::value;
-      const Raw<B, W> raw = load_raw<B, W>(w + i);
-      if (!enabled) {  // this slice's gradients are not finite: its copy is the unperturbed weight
-        store_raw<B, W>(out + i, raw);
-        return;
-      }
-      float wf[W], gf[W];
-      to_float<S, W>(raw, wf);
-      to_float<S, W>(load_raw<B, W>(g + i), gf);
+    for_each_packet<S::kWidth>(
+        c.len, vectorized,
+        [&](auto width, int64_t i) {
+          constexpr int W = decltype(width)::value;
+          Packs<B, W, 2> r;
+          r.v[0] = load_raw<B, W>(w + i);
+          r.v[1] = load_raw<B, W>(g + i);
+          return r;
+        },
+        [&](auto width, int64_t i, const auto& r) {
+          constexpr int W = decltype(width)::value;
+          if (!enabled) {  // this slice's gradients are not finite: its copy is the unperturbed weight
+            store_raw<B, W>(out + i, r.v[0]);
+            return;
+          }
+          float wf[W], gf[W];
+          to_float<S, W>(r.v[0], wf);
+          to_float<S, W>(r.v[1], gf);
 #pragma unroll
-      for (int e = 0; e < W; ++e) wf[e] = perturb_one(wf[e], gf[e], scale, s.adaptive, eta);
-      store_raw<B, W>(out + i, from_float<S, W>(wf));
-    });
+          for (int e = 0; e < W; ++e) wf[e] = perturb_one(wf[e], gf[e], scale, s.adaptive, eta);
+          store_raw<B, W>(out + i, from_float<S, W>(wf));
+        });
   }
 }
 
@@ -94,10 +110,10 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(const __grid_constant
   const Chunk c = chunk_of(a);
   B* dst = list_ptr<B>(a, 0, c) + c.start;
   const B* src = list_ptr<const B>(a, 1, c) + c.start;
-  for_each_packet<kWidth>(c.len, aligned16(dst) && aligned16(src), [&](auto width, int64_t i) {
-    constexpr int W = decltype(width)::value;
-    store_raw<B, W>(dst + i, load_raw<B, W>(src + i));
-  });
+  for_each_packet<kWidth>(
+      c.len, aligned16(dst) && aligned16(src),
+      [&](auto width, int64_t i) { return load_raw<B, decltype(width)::value>(src + i); },
+      [&](auto width, int64_t i, const auto& r) { store_raw<B, decltype(width)::value>(dst + i, r); });
 }
 
 }  // namespace

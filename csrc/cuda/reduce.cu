@@ -25,29 +25,39 @@ __global__ void __launch_bounds__(kThreads)
   const Chunk c = chunk_of(a);
   const B* g0 = list_ptr<const B>(a, 0, c);
   const B* p = list_ptr<const B>(a, 1, c);
-  const bool adaptive = p != nullptr;
-  if (adaptive) p += c.start;
+  if (p != nullptr) p += c.start;
   const Rn eta{eta_f};
-  for (int64_t j = 0; j < k; ++j) {
-    const B* g = g0 + j * c.numel + c.start;  // slice j of a [k, *p.shape] gradient (k = 1: the gradient)
-    double acc = 0.0;
-    for_each_packet<S::kWidth>(c.len, aligned16(g) && aligned16(p), [&](auto width, int64_t i) {
-      constexpr int W = decltype(width)::value;
-      float gf[W];
-      to_float<S, W>(load_raw<B, W>(g + i), gf);
-      if (adaptive) {
-        float pf[W];
-        to_float<S, W>(load_raw<B, W>(p + i), pf);
+  with_flag(p != nullptr, [&](auto adaptive) {
+    for (int64_t j = 0; j < k; ++j) {
+      const B* g = g0 + j * c.numel + c.start;  // slice j of a [k, *p.shape] gradient (k = 1: the gradient)
+      double acc = 0.0;
+      for_each_packet<S::kWidth>(
+          c.len, aligned16(g) && aligned16(p),
+          [&](auto width, int64_t i) {  // the gradient and, for ASAM, the weight: loaded together
+            constexpr int W = decltype(width)::value;
+            Packs<B, W, 2> r;
+            r.v[0] = load_raw<B, W>(g + i);
+            if constexpr (decltype(adaptive)::value) r.v[1] = load_raw<B, W>(p + i);
+            return r;
+          },
+          [&](auto width, int64_t, const auto& r) {
+            constexpr int W = decltype(width)::value;
+            float gf[W];
+            to_float<S, W>(r.v[0], gf);
+            if constexpr (decltype(adaptive)::value) {
+              float pf[W];
+              to_float<S, W>(r.v[1], pf);
 #pragma unroll
-        for (int e = 0; e < W; ++e) acc += square_scaled(Rd{gf[e]}, Rd{adaptive_factor(pf[e], eta).v}).v;
-      } else {
+              for (int e = 0; e < W; ++e) acc += square_scaled(Rd{gf[e]}, Rd{adaptive_factor(pf[e], eta).v}).v;
+            } else {
 #pragma unroll
-        for (int e = 0; e < W; ++e) acc += square(Rd{gf[e]}).v;
-      }
-    });
-    const double block_total = block_sum(acc);
-    if (threadIdx.x == 0) partials[j * total_blocks + first_block + blockIdx.x] = block_total;
-  }
+              for (int e = 0; e < W; ++e) acc += square(Rd{gf[e]}).v;
+            }
+          });
+      const double block_total = block_sum(acc);
+      if (threadIdx.x == 0) partials[j * total_blocks + first_block + blockIdx.x] = block_total;
+    }
+  });
 }
 
 // One block per slice j: out[j] = sum of its row of partials. Thread t adds elements t, t + blockDim, ... in order,

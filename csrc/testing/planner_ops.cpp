@@ -38,11 +38,15 @@ std::vector<int64_t> plan_chunks(std::vector<int64_t> numels, int64_t chunk_size
   return rows;
 }
 
-// The limits the CUDA kernels use, so tests can plan with exactly them: [chunk, max_blocks, max_tensors(depth 1..4)].
-std::vector<int64_t> kernel_limits() {
+// The limits the CUDA kernels use for a kernel parameter budget (kParamBytesLarge: CUDA >= 12.1 builds;
+// kParamBytesClassic: older ones), so tests can plan with exactly them: [chunk, max_blocks, max_tensors(depth 1..4)].
+std::vector<int64_t> kernel_limits(int64_t param_bytes) {
   using namespace sam_fused::mta;
-  return {kChunkElems, kMaxBlocks, max_tensors_for_depth(1), max_tensors_for_depth(2), max_tensors_for_depth(3),
-          max_tensors_for_depth(4)};
+  TORCH_CHECK_VALUE(param_bytes == kParamBytesLarge || param_bytes == kParamBytesClassic,
+                    "kernel_limits: param_bytes must be ", kParamBytesLarge, " or ", kParamBytesClassic);
+  const int b = static_cast<int>(param_bytes);
+  return {kChunkElems, max_blocks_for(b), max_tensors_for(1, b), max_tensors_for(2, b), max_tensors_for(3, b),
+          max_tensors_for(4, b)};
 }
 
 }  // namespace
@@ -51,5 +55,5 @@ std::vector<int64_t> kernel_limits() {
 TORCH_LIBRARY(sam_fused_testing, m) {
   // Registered as catch-all kernels: these ops take no tensors, so there is no dispatch key to select on.
   m.def("plan_chunks(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> int[]", TORCH_FN(plan_chunks));
-  m.def("kernel_limits() -> int[]", TORCH_FN(kernel_limits));
+  m.def("kernel_limits(int param_bytes=32764) -> int[]", TORCH_FN(kernel_limits));
 }
