@@ -5,9 +5,10 @@ ops (and as their ``CPU`` implementations when ``TRITON_INTERPRET=1``, for testi
 Without the ``triton`` package it raises ModuleNotFoundError (name ``triton``, so ``pytest.importorskip`` skips), which
 ``sam_fused.backends()`` reports as "unavailable".
 
-Files: numerics.py (per-element helpers, tile sizes), tables.py (address tables + cache), checks.py (validation,
-contiguous staging), norm.py (grad_sumsq), perturb.py (perturb_, perturb_batched, restore_), fsam.py
-(fsam_direction_), register.py (torch.library registration).
+Files: numerics.py (per-element helpers, tile sizes, alignment hints), tables.py (address tables + cache, pinned
+during CUDA graph capture), checks.py (validation cached per call, layouts and staging, the device guard), norm.py
+(grad_sumsq), perturb.py (perturb_, perturb_batched, restore_), fsam.py (fsam_direction_), register.py
+(torch.library registration), aot.py (compile every specialization without a GPU, PTX checks).
 """
 
 try:

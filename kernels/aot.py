@@ -6,8 +6,10 @@
 # specialization the ops launch, and checks properties of the generated PTX that the numerics rely on:
 #   * IEEE-rounded fp64 sqrt and division in the perturbation scale (sqrt.rn.f64, div.rn.f64), no approximate ones;
 #   * no contracted multiply-add (fma.*.f32/f64): launches use enable_fp_fusion=False to round like the reference;
-#   * no atomics (atom./red.) anywhere: reductions are the deterministic two-stage kind.
-# Usage: python -m sam_fused.kernels.aot [--arch 80] (must run WITHOUT TRITON_INTERPRET=1).
+#   * no atomics (atom./red.) anywhere: reductions are the deterministic two-stage kind;
+#   * in the aligned specializations (VEC > 1, numerics.py) 16-byte vector loads (ld.global.v4) and, in the kernels
+#     that write elements, stores (st.global.v4): the scalar loads left are the table reads.
+# Usage: python -m sam_fused.kernels.aot [--arch 80 90] (must run WITHOUT TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import argparse
@@ -47,22 +49,31 @@ def _signature(fn: triton.JITFunction) -> dict[str, str]:
     return sig
 
 
+def _vecs(it: tl.dtype) -> tuple[int, int]:
+    """The VEC values the ops launch with: 1 (any bucket) and 16 bytes / element size (aligned buckets)."""
+    return 1, 16 // (it.primitive_bitwidth // 8)
+
+
 def specializations() -> Iterator[tuple[str, triton.JITFunction, dict]]:
     """(label, kernel, constexprs) for every kernel variant the ops can launch."""
     tile = {"BLOCK": BLOCK, "ITERS": ITERS}
     for dtype, (dt, it) in STORAGE.items():
         name = str(dtype).removeprefix("torch.")
-        for has_t in (False, True):
-            yield f"sumsq {name} HAS_T={has_t}", norm._sumsq_partials, {"HAS_T": has_t, "DT": dt, "IT": it, **tile}
-        for adaptive, normalize in product((False, True), repeat=2):
-            flags = {"ADAPTIVE": adaptive, "NORMALIZE": normalize, "DT": dt, "IT": it, **tile}
-            yield f"perturb {name} {adaptive=} {normalize=}", perturb._perturb_kernel, flags
-            yield f"perturb_batched {name} {adaptive=} {normalize=}", perturb._perturb_batched_kernel, flags
-        for first, has_t in product((False, True), repeat=2):
-            flags = {"FIRST": first, "HAS_T": has_t, "DT": dt, "IT": it, **tile}
-            yield f"fsam {name} {first=} {has_t=}", fsam._fsam_kernel, flags
+        for vec in _vecs(it):
+            common = {"DT": dt, "IT": it, "VEC": vec, **tile}
+            for has_t in (False, True):
+                yield f"sumsq {name} HAS_T={has_t} VEC={vec}", norm._sumsq_partials, {"HAS_T": has_t, **common}
+            for adaptive, normalize in product((False, True), repeat=2):
+                flags = {"ADAPTIVE": adaptive, "NORMALIZE": normalize, **common}
+                yield f"perturb {name} {adaptive=} {normalize=} VEC={vec}", perturb._perturb_kernel, flags
+                yield (f"perturb_batched {name} {adaptive=} {normalize=} VEC={vec}", perturb._perturb_batched_kernel,
+                       flags)
+            for first, has_t in product((False, True), repeat=2):
+                yield f"fsam {name} {first=} {has_t=} VEC={vec}", fsam._fsam_kernel, {"FIRST": first, "HAS_T": has_t,
+                                                                                      **common}
     for it in (tl.uint16, tl.uint32):
-        yield f"copy {it}", perturb._copy_kernel, {"IT": it, **tile}
+        for vec in _vecs(it):
+            yield f"copy {it} VEC={vec}", perturb._copy_kernel, {"IT": it, "VEC": vec, **tile}
     yield "combine", norm.combine_partials, {"REDUCE_BLOCK": REDUCE_BLOCK}
 
 
@@ -77,6 +88,11 @@ def check_ptx(label: str, constexprs: dict, ptx: str) -> list[str]:
         problems.append(f"{label}: scale not computed with sqrt.rn.f64 / div.rn.f64")
     if re.search(r"\b(sqrt|div|rcp|rsqrt)\.approx\b", ptx):
         problems.append(f"{label}: approximate sqrt/division in the PTX")
+    if constexprs.get("VEC", 1) > 1:  # aligned bucket: element accesses must be 16-byte vectors
+        if "ld.global.v4" not in ptx:
+            problems.append(f"{label}: no 16-byte vector load (ld.global.v4) in an aligned specialization")
+        if not label.startswith("sumsq") and "st.global.v4" not in ptx:  # the sums of squares only read
+            problems.append(f"{label}: no 16-byte vector store (st.global.v4) in an aligned specialization")
     return problems
 
 
@@ -100,7 +116,7 @@ def compile_all(arch: int = 80, verbose: bool = False) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile every sam_fused Triton kernel for a GPU, without a GPU.")
-    parser.add_argument("--arch", type=int, default=80, help="CUDA compute capability, e.g. 80 or 90")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80], help="CUDA compute capabilities, e.g. 80 90")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     from triton.runtime.interpreter import InterpretedFunction
@@ -108,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(norm._sumsq_partials, InterpretedFunction):
         print("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr)
         return 2
-    problems = compile_all(args.arch, args.verbose)
-    for p in problems:
-        print(p, file=sys.stderr)
-    print(f"{'FAILED' if problems else 'ok'}: every Triton kernel specialization compiled for sm_{args.arch}")
-    return 1 if problems else 0
+    failed = False
+    for arch in args.arch:
+        problems = compile_all(arch, args.verbose)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{'FAILED' if problems else 'ok'}: every Triton kernel specialization compiled for sm_{arch}")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

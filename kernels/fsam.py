@@ -17,20 +17,20 @@ import triton.language as tl
 
 from sam_fused import _checks as _shared
 
-from .checks import Staged, by_dtype, check_lists
+from .checks import check_lists, on_device, operands, prepare
 from .norm import reduce_partials
 from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, STORAGE, bits_to_f32, f32_to_bits, tensor_ptr, unit_of
-from .tables import get_plan
 
 
 @triton.jit
 def _fsam_kernel(g_addrs, m_addrs, p_addrs, numels, unit_tensor, unit_offset, partials, num_units,
                  sigma, lmbda, one_minus_lmbda, eta, FIRST: tl.constexpr, HAS_T: tl.constexpr,
-                 DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                 DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                 VEC: tl.constexpr):
     pid = tl.program_id(0)
-    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
-    g_ptr = tensor_ptr(g_addrs, t, IT)
-    m_ptr = tensor_ptr(m_addrs, t, IT)
+    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels, BLOCK, VEC)
+    g_ptr = tensor_ptr(g_addrs, t, IT, VEC)
+    m_ptr = tensor_ptr(m_addrs, t, IT, VEC)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -48,7 +48,7 @@ def _fsam_kernel(g_addrs, m_addrs, p_addrs, numels, unit_tensor, unit_offset, pa
             d = bits_to_f32(d_bits, DT)  # the stored, rounded direction
         x = d.to(tl.float64)
         if HAS_T:
-            w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT) + offs, mask=mask, other=0), DT)
+            w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT, VEC) + offs, mask=mask, other=0), DT)
             x = x * (tl.abs(w) + eta).to(tl.float64)
         acc += x * x
     tl.store(partials + pid, tl.sum(acc, axis=0))
@@ -64,29 +64,29 @@ def fsam_direction_(
     eta: float = 0.0,
 ) -> torch.Tensor:
     """F-SAM direction in place (grads <- d, ema updated); returns fp64 [1] sum of (T * d)^2 of the stored d."""
-    device = check_lists("grads", grads, {"ema": ema, "params": params}, written=_shared.FSAM_WRITES)
-    if device is None:
+    lists = [grads, ema, params]
+    call = prepare("fsam_direction_", lists, lambda: check_lists("grads", grads, {"ema": ema, "params": params},
+                                                                  written=_shared.FSAM_WRITES))
+    if call is None:
         return torch.zeros(1, dtype=torch.float64, device=grads[0].device if grads else torch.device("cpu"))
     total = None
-    for dtype, idx in by_dtype(grads).items():
-        g, m = Staged(grads, idx), Staged(ema, idx)
-        p = Staged(params, idx).tensors if params is not None else None
-        lists = [g.tensors, m.tensors] + ([p] if p is not None else [])
-        plan = get_plan(lists, [t.numel() for t in g.tensors], device)
-        if plan.num_units:
-            dt, it = STORAGE[dtype]
-            partials = torch.empty(plan.num_units, dtype=torch.float64, device=device)
-            _fsam_kernel[(plan.num_units,)](
-                plan.addr(0), plan.addr(1), plan.addr(2 if p is not None else 0), plan.numels, plan.unit_tensor,
-                plan.unit_offset, partials, plan.num_units,
-                float(sigma), float(lmbda), 1.0 - float(lmbda), float(eta),  # 1 - lmbda in double, as the reference
-                FIRST=bool(first), HAS_T=p is not None, DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS,
-            )
-            part = reduce_partials(partials, 1, plan.num_units)
-        else:
-            part = torch.zeros(1, dtype=torch.float64, device=device)
-        g.write_back()
-        m.write_back()
-        total = part if total is None else total + part
+    with on_device(call.device):
+        for bucket in call.buckets:
+            plan, write_back = operands(call, bucket, lists, written=(True, True, False))
+            if plan.num_units:
+                dt, it = STORAGE[bucket.dtype]
+                partials = torch.empty(plan.num_units, dtype=torch.float64, device=call.device)
+                _fsam_kernel[(plan.num_units,)](
+                    plan.addr(0), plan.addr(1), plan.addr(2 if params is not None else 0), plan.numels,
+                    plan.unit_tensor, plan.unit_offset, partials, plan.num_units,
+                    float(sigma), float(lmbda), 1.0 - float(lmbda), float(eta),  # 1 - lmbda in double, as the reference
+                    FIRST=bool(first), HAS_T=params is not None, DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS,
+                    VEC=plan.vec, **LAUNCH_OPTIONS,
+                )
+                part = reduce_partials(partials, 1, plan.num_units)
+            else:
+                part = torch.zeros(1, dtype=torch.float64, device=call.device)
+            write_back()
+            total = part if total is None else total + part
     assert total is not None
     return total

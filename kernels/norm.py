@@ -17,25 +17,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import Staged, by_dtype, check_lists, check_micro_batches, check_sliced
+from .checks import Bucket, Call, check_lists, check_micro_batches, check_sliced, on_device, operands, prepare
 from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, REDUCE_BLOCK, STORAGE, bits_to_f32, tensor_ptr, unit_of
-from .tables import get_plan
 
 
 @triton.jit
 def _sumsq_partials(g_addrs, p_addrs, numels, unit_tensor, unit_offset, partials, num_units, eta,
                     HAS_T: tl.constexpr, DT: tl.constexpr, IT: tl.constexpr,
-                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr, VEC: tl.constexpr):
     pid = tl.program_id(0)
-    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
-    g_ptr = tensor_ptr(g_addrs, t, IT) + j * n  # slice j of grads[t]
+    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels, BLOCK, VEC)
+    g_ptr = tensor_ptr(g_addrs, t, IT, VEC) + j * n  # slice j of grads[t]
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = bits_to_f32(tl.load(g_ptr + offs, mask=mask, other=0), DT).to(tl.float64)
         if HAS_T:
-            w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT) + offs, mask=mask, other=0), DT)
+            w = bits_to_f32(tl.load(tensor_ptr(p_addrs, t, IT, VEC) + offs, mask=mask, other=0), DT)
             x = x * (tl.abs(w) + eta).to(tl.float64)
         acc += x * x
     tl.store(partials + pid, tl.sum(acc, axis=0))
@@ -64,33 +63,35 @@ def grad_sumsq(
 ) -> torch.Tensor:
     """fp64 [k]: sum over tensors of (T * g)^2 per micro-batch slice; T = |params| + eta if params is given."""
     k = check_micro_batches(micro_batches)
-    if params is not None:
-        device = check_lists("params", params, {"grads": grads}, lead={"grads": k} if k > 1 else None)
-    else:
-        device = check_sliced(grads, k)
-    if device is None:
+
+    def validate() -> torch.device | None:
+        if params is not None:
+            return check_lists("params", params, {"grads": grads}, lead={"grads": k} if k > 1 else None)
+        return check_sliced(grads, k)
+
+    call = prepare("grad_sumsq", [grads, params], validate, k, lead=(k > 1, False))
+    if call is None:
         return torch.zeros(k, dtype=torch.float64, device=grads[0].device if grads else torch.device("cpu"))
     total = None
-    for dtype, idx in by_dtype(grads).items():
-        part = _bucket(grads, params, idx, float(eta), k, dtype, device)
-        total = part if total is None else total + part  # buckets added in a fixed order
+    with on_device(call.device):
+        for bucket in call.buckets:
+            part = _bucket(call, bucket, grads, params, float(eta), k)
+            total = part if total is None else total + part  # buckets added in a fixed order
     assert total is not None
     return total
 
 
-def _bucket(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None, idx: list[int], eta: float, k: int,
-            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    g = Staged(grads, idx).tensors
-    p = Staged(params, idx).tensors if params is not None else None
-    lists = [g] if p is None else [g, p]
-    plan = get_plan(lists, [t.numel() // k for t in g], device)
+def _bucket(call: Call, bucket: Bucket, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor] | None,
+            eta: float, k: int) -> torch.Tensor:
+    plan, _ = operands(call, bucket, [grads, params], written=(False, False))
+    device = call.device
     if plan.num_units == 0:  # only empty tensors
         return torch.zeros(k, dtype=torch.float64, device=device)
-    dt, it = STORAGE[dtype]
+    dt, it = STORAGE[bucket.dtype]
     partials = torch.empty(k * plan.num_units, dtype=torch.float64, device=device)
     _sumsq_partials[(k * plan.num_units,)](
-        plan.addr(0), plan.addr(1 if p is not None else 0), plan.numels, plan.unit_tensor, plan.unit_offset,
+        plan.addr(0), plan.addr(1 if params is not None else 0), plan.numels, plan.unit_tensor, plan.unit_offset,
         partials, plan.num_units, eta,
-        HAS_T=p is not None, DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS,
+        HAS_T=params is not None, DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS, VEC=plan.vec, **LAUNCH_OPTIONS,
     )
     return reduce_partials(partials, k, plan.num_units)

@@ -16,6 +16,11 @@
 #     float argument would be rounded to fp32).
 #   * Kernels are launched with enable_fp_fusion=False (see LAUNCH_OPTIONS) so `w + scale * d` is not contracted into
 #     an FMA: the reference rounds after the multiply.
+#   * Vector accesses: the element pointers come from int64 tables, so the compiler cannot prove any alignment by
+#     itself. The host (tables.build) marks a bucket aligned, VEC = 16 bytes / element size, when every non-empty
+#     tensor of every list starts 16-byte aligned and has a multiple of VEC elements (per slice); the kernels then
+#     hint both (unit_of, tensor_ptr) and compile to 16-byte ld/st.global.v4 (kernels/aot.py checks the PTX). The
+#     masked path vectorizes as is (the mask is constant over VEC lanes); other buckets run with VEC = 1.
 #   * Tile geometry: one program handles one work unit of CHUNK = BLOCK * ITERS elements of one tensor. ITERS = 1:
 #     a 4096-wide block per program suits these memory-bound kernels on a GPU, and it keeps the interpreter fast
 #     (it re-patches triton.language on every call of a nested @triton.jit helper, so calls per program are costly).
@@ -81,19 +86,27 @@ def perturb_scale(sumsq_ptr, j, rho, eps, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
-def unit_of(pid, num_units, unit_tensor_ptr, unit_offset_ptr, numel_ptr):
+def unit_of(pid, num_units, unit_tensor_ptr, unit_offset_ptr, numel_ptr, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """Work unit of program `pid`: (slice j, tensor index, first element, elements per slice of that tensor).
 
-    Programs are laid out slice-major: pid = j * num_units + u, u indexing the (tensor, chunk) table."""
+    Programs are laid out slice-major: pid = j * num_units + u, u indexing the (tensor, chunk) table. The hints tell
+    the compiler what the host guarantees: units start at multiples of CHUNK (hence of BLOCK), and in an aligned
+    bucket (VEC > 1) every tensor's element count is a multiple of VEC, so masks are constant over VEC lanes."""
     j = pid // num_units
     u = pid - j * num_units
     t = tl.load(unit_tensor_ptr + u)
-    start = tl.load(unit_offset_ptr + u)
+    start = tl.multiple_of(tl.load(unit_offset_ptr + u), BLOCK)
     n = tl.load(numel_ptr + t)
+    if VEC > 1:
+        n = tl.multiple_of(n, VEC)
     return j, t, start, n
 
 
 @triton.jit
-def tensor_ptr(addr_ptr, t, IT: tl.constexpr):
-    """Base pointer of tensor t of a list, read from its int64 address table and typed as a pointer to raw bits."""
-    return tl.load(addr_ptr + t).to(tl.pointer_type(IT))
+def tensor_ptr(addr_ptr, t, IT: tl.constexpr, VEC: tl.constexpr):
+    """Base pointer of tensor t of a list, read from its int64 address table and typed as a pointer to raw bits;
+    hinted 16-byte aligned in an aligned bucket (VEC > 1), so that loads and stores become 16-byte vector accesses."""
+    p = tl.load(addr_ptr + t).to(tl.pointer_type(IT))
+    if VEC > 1:
+        p = tl.multiple_of(p, 16)
+    return p

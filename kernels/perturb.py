@@ -10,15 +10,13 @@
 # backup is still written) and perturb_batched copies w.
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from sam_fused import _checks as _shared
 
-from .checks import Staged, by_dtype, check_lists, check_sumsq
+from .checks import check_lists, check_sumsq, on_device, operands, prepare
 from .numerics import (
     BLOCK,
     ITERS,
@@ -30,7 +28,6 @@ from .numerics import (
     tensor_ptr,
     unit_of,
 )
-from .tables import get_plan
 
 
 @triton.jit
@@ -46,13 +43,14 @@ def _perturbed_bits(w_bits, g_bits, scale, eta, ADAPTIVE: tl.constexpr, DT: tl.c
 @triton.jit
 def _perturb_kernel(p_addrs, g_addrs, b_addrs, numels, unit_tensor, unit_offset, sumsq, num_units,
                     rho: tl.float64, eps: tl.float64, eta, ADAPTIVE: tl.constexpr, NORMALIZE: tl.constexpr,
-                    DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                    DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                    VEC: tl.constexpr):
     pid = tl.program_id(0)
-    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
+    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels, BLOCK, VEC)
     scale, finite = perturb_scale(sumsq, 0, rho, eps, NORMALIZE)
-    p_ptr = tensor_ptr(p_addrs, t, IT)
-    g_ptr = tensor_ptr(g_addrs, t, IT)
-    b_ptr = tensor_ptr(b_addrs, t, IT)
+    p_ptr = tensor_ptr(p_addrs, t, IT, VEC)
+    g_ptr = tensor_ptr(g_addrs, t, IT, VEC)
+    b_ptr = tensor_ptr(b_addrs, t, IT, VEC)
     n_w = tl.where(finite, n, 0)  # elements of w to write: none when sumsq is not finite
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -67,13 +65,13 @@ def _perturb_kernel(p_addrs, g_addrs, b_addrs, numels, unit_tensor, unit_offset,
 def _perturb_batched_kernel(p_addrs, g_addrs, o_addrs, numels, unit_tensor, unit_offset, sumsq, num_units,
                             rho: tl.float64, eps: tl.float64, eta, ADAPTIVE: tl.constexpr,
                             NORMALIZE: tl.constexpr, DT: tl.constexpr, IT: tl.constexpr, BLOCK: tl.constexpr,
-                            ITERS: tl.constexpr):
+                            ITERS: tl.constexpr, VEC: tl.constexpr):
     pid = tl.program_id(0)
-    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
+    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels, BLOCK, VEC)
     scale, finite = perturb_scale(sumsq, j, rho, eps, NORMALIZE)
-    p_ptr = tensor_ptr(p_addrs, t, IT)
-    g_ptr = tensor_ptr(g_addrs, t, IT) + j * n  # slice j of grads[t] and of out[t]
-    o_ptr = tensor_ptr(o_addrs, t, IT) + j * n
+    p_ptr = tensor_ptr(p_addrs, t, IT, VEC)
+    g_ptr = tensor_ptr(g_addrs, t, IT, VEC) + j * n  # slice j of grads[t] and of out[t]
+    o_ptr = tensor_ptr(o_addrs, t, IT, VEC) + j * n
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -85,11 +83,11 @@ def _perturb_batched_kernel(p_addrs, g_addrs, o_addrs, numels, unit_tensor, unit
 
 @triton.jit
 def _copy_kernel(dst_addrs, src_addrs, numels, unit_tensor, unit_offset, num_units,
-                 IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                 IT: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, VEC: tl.constexpr):
     pid = tl.program_id(0)
-    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels)
-    dst = tensor_ptr(dst_addrs, t, IT)
-    src = tensor_ptr(src_addrs, t, IT)
+    j, t, start, n = unit_of(pid, num_units, unit_tensor, unit_offset, numels, BLOCK, VEC)
+    dst = tensor_ptr(dst_addrs, t, IT, VEC)
+    src = tensor_ptr(src_addrs, t, IT, VEC)
     for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -108,24 +106,24 @@ def perturb_(
     normalize: bool = True,
 ) -> None:
     """backup <- w; w <- w + rho * T^2 * g / (sqrt(sumsq[0]) + eps), in one pass; no-op on w if sumsq is not finite."""
-    device = check_lists("params", params, {"grads": grads, "backups": backups}, written=_shared.PERTURB_WRITES)
-    if device is None:
+    lists = [params, grads, backups]
+    call = prepare("perturb_", lists, lambda: check_lists("params", params, {"grads": grads, "backups": backups},
+                                                           written=_shared.PERTURB_WRITES))
+    if call is None:
         return
-    s = check_sumsq(sumsq, device, None, "perturb_")
-    for dtype, idx in by_dtype(params).items():
-        p, b = Staged(params, idx), Staged(backups, idx)
-        g = Staged(grads, idx).tensors
-        plan = get_plan([p.tensors, g, b.tensors], [t.numel() for t in p.tensors], device)
-        if plan.num_units:
-            dt, it = STORAGE[dtype]
-            _perturb_kernel[(plan.num_units,)](
-                plan.addr(0), plan.addr(1), plan.addr(2), plan.numels, plan.unit_tensor, plan.unit_offset, s,
-                plan.num_units, float(rho), float(eps), float(eta),
-                ADAPTIVE=bool(adaptive), NORMALIZE=bool(normalize), DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS,
-                **LAUNCH_OPTIONS,
-            )
-        p.write_back()
-        b.write_back()
+    s = check_sumsq(sumsq, call.device, None, "perturb_")
+    with on_device(call.device):
+        for bucket in call.buckets:
+            plan, write_back = operands(call, bucket, lists, written=(True, False, True))
+            if plan.num_units:
+                dt, it = STORAGE[bucket.dtype]
+                _perturb_kernel[(plan.num_units,)](
+                    plan.addr(0), plan.addr(1), plan.addr(2), plan.numels, plan.unit_tensor, plan.unit_offset, s,
+                    plan.num_units, float(rho), float(eps), float(eta),
+                    ADAPTIVE=bool(adaptive), NORMALIZE=bool(normalize), DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS,
+                    VEC=plan.vec, **LAUNCH_OPTIONS,
+                )
+            write_back()
 
 
 def perturb_batched(
@@ -142,43 +140,41 @@ def perturb_batched(
     if not isinstance(sumsq, torch.Tensor):
         raise TypeError(f"perturb_batched: sumsq must be a tensor, got {type(sumsq).__name__}")
     k = sumsq.numel()
-    device = check_lists("params", params, {"grads": grads}, lead={"grads": k})
-    if device is None:
+    call = prepare("perturb_batched", [params, grads], lambda: check_lists("params", params, {"grads": grads},
+                                                                          lead={"grads": k}),
+                   k, lead=(False, True), tables_of_inputs=False)  # the tables also hold the fresh outputs
+    if call is None:
         return []
-    s = check_sumsq(sumsq, device, k, "perturb_batched")
-    outs = [torch.empty_like(g, dtype=p.dtype) for p, g in zip(params, grads)]  # the fake impl's layout
-    for dtype, idx in by_dtype(params).items():
-        p, g, o = Staged(params, idx).tensors, Staged(grads, idx).tensors, Staged(outs, idx)
-        plan = get_plan([p, g, o.tensors], [t.numel() for t in p], device)
-        if plan.num_units:
-            dt, it = STORAGE[dtype]
-            _perturb_batched_kernel[(k * plan.num_units,)](
-                plan.addr(0), plan.addr(1), plan.addr(2), plan.numels, plan.unit_tensor, plan.unit_offset, s,
-                plan.num_units, float(rho), float(eps), float(eta),
-                ADAPTIVE=bool(adaptive), NORMALIZE=bool(normalize), DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS,
-                **LAUNCH_OPTIONS,
-            )
-        o.write_back()
+    s = check_sumsq(sumsq, call.device, k, "perturb_batched")
+    with on_device(call.device):
+        outs = [torch.empty_like(g, dtype=p.dtype) for p, g in zip(params, grads)]  # g's layout, as the fake impl
+        for bucket in call.buckets:
+            plan, write_back = operands(call, bucket, [params, grads, outs], written=(False, False, True))
+            if plan.num_units:
+                dt, it = STORAGE[bucket.dtype]
+                _perturb_batched_kernel[(k * plan.num_units,)](
+                    plan.addr(0), plan.addr(1), plan.addr(2), plan.numels, plan.unit_tensor, plan.unit_offset, s,
+                    plan.num_units, float(rho), float(eps), float(eta),
+                    ADAPTIVE=bool(adaptive), NORMALIZE=bool(normalize), DT=dt, IT=it, BLOCK=BLOCK, ITERS=ITERS,
+                    VEC=plan.vec, **LAUNCH_OPTIONS,
+                )
+            write_back()
     return outs
-
-
-def copy_bits_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], idx: list[int], dtype: torch.dtype,
-               device: torch.device) -> None:
-    """dst[i] <- src[i] bit for bit, for the indices idx of one dtype bucket (one launch)."""
-    d, s = Staged(dst, idx), Staged(src, idx).tensors
-    plan = get_plan([d.tensors, s], [t.numel() for t in d.tensors], device)
-    if plan.num_units:
-        _copy_kernel[(plan.num_units,)](
-            plan.addr(0), plan.addr(1), plan.numels, plan.unit_tensor, plan.unit_offset, plan.num_units,
-            IT=STORAGE[dtype][1], BLOCK=BLOCK, ITERS=ITERS, **LAUNCH_OPTIONS,
-        )
-    d.write_back()
 
 
 def restore_(params: list[torch.Tensor], backups: list[torch.Tensor]) -> None:
     """w <- backup, bit-exact."""
-    device = check_lists("params", params, {"backups": backups}, written=_shared.RESTORE_WRITES)
-    if device is None:
+    lists = [params, backups]
+    call = prepare("restore_", lists, lambda: check_lists("params", params, {"backups": backups},
+                                                           written=_shared.RESTORE_WRITES))
+    if call is None:
         return
-    for dtype, idx in by_dtype(params).items():
-        copy_bits_(params, backups, idx, dtype, device)
+    with on_device(call.device):
+        for bucket in call.buckets:
+            plan, write_back = operands(call, bucket, lists, written=(True, False))
+            if plan.num_units:
+                _copy_kernel[(plan.num_units,)](
+                    plan.addr(0), plan.addr(1), plan.numels, plan.unit_tensor, plan.unit_offset, plan.num_units,
+                    IT=STORAGE[bucket.dtype][1], BLOCK=BLOCK, ITERS=ITERS, VEC=plan.vec, **LAUNCH_OPTIONS,
+                )
+            write_back()

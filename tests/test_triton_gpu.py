@@ -2,9 +2,11 @@
 
 Parity with the torch reference run on the same CUDA tensors, for every op and dtype; bit-exact backups and restore;
 no host synchronization (a whole perturb/restore step captured in a CUDA graph and replayed, and
-torch.cuda.set_sync_debug_mode("error") around a steady-state step); the address-table cache on CUDA; opcheck on
-CUDA; the first-use self-check of the dispatcher. Tolerances as in docs/DESIGN.md section 4: fp32 within 1e-6 relative,
-bf16/fp16 within 1 ulp of the reference's rounding. tests/test_triton_interpret.py covers the same semantics on CPU.
+torch.cuda.set_sync_debug_mode("error") around a steady-state step); the address-table cache on CUDA (deterministic
+counts, tables pinned by a capture), tensors on a non-current device, channels_last in place, the aligned (vector)
+kernels; opcheck on CUDA; the first-use self-check of the dispatcher. Tolerances as in docs/DESIGN.md section 4:
+fp32 within 1e-6 relative, bf16/fp16 within 1 ulp of the reference's rounding. tests/test_triton_interpret.py and
+tests/test_triton_host.py cover the same semantics on CPU.
 """
 
 from __future__ import annotations
@@ -229,17 +231,144 @@ def test_nonfinite_gradient_beside_a_huge_one(bad: float) -> None:
 
 
 def test_table_cache_rebuilt_after_grads_reallocated() -> None:
+    """Deterministic: every tensor stays alive (no address can be reused) and the counts are the cache's own."""
     tables = kernels.tables
-    params, grads = _lists(torch.float32)
+    tables.clear_cache()  # no entry of an earlier test can match the new tensors' addresses
+    params, grads = _lists(torch.float32)  # position 5 transposed in both lists: same strides, indexed in place
     T.grad_sumsq(grads, params, 0.0, 1)
-    builds = tables.stats["builds"]
-    T.grad_sumsq(grads, params, 0.0, 1)
-    assert tables.stats["builds"] == builds
+    builds, validations = tables.stats["builds"], tables.stats["validations"]
+    for _ in range(3):
+        T.grad_sumsq(grads, params, 0.0, 1)
+    assert (tables.stats["builds"], tables.stats["validations"]) == (builds, validations)
     old = list(grads)  # alive, so the new tensors get new addresses
     grads[:] = [torch.randn_like(g) for g in grads]
     assert_sumsq(T.grad_sumsq(grads, params, 0.0, 1), reference.grad_sumsq(grads, params, 0.0, 1))
-    assert tables.stats["builds"] == builds + 1
-    del old
+    assert (tables.stats["builds"], tables.stats["validations"]) == (builds + 1, validations + 1)
+    assert all(o.data_ptr() != g.data_ptr() for o, g in zip(old, grads) if g.numel())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_device_other_than_the_current_one() -> None:
+    """Tensors on cuda:1 while cuda:0 is current: every op launches under the tensors' device (was: illegal address)."""
+    other = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(other) for s in [(7,), (4097,), (3, 5, 7, 2)]]
+    grads = [torch.randn(p.shape, generator=gen).to(other) for p in params]
+    original = _clone(params)
+    s = T.grad_sumsq(grads, params, 0.01, 1)
+    assert s.device == other
+    assert_sumsq(s, reference.grad_sumsq(grads, params, 0.01, 1))
+    backups = [torch.empty_like(p) for p in params]
+    w_ref = _clone(params)
+    reference.perturb_(w_ref, grads, [torch.empty_like(p) for p in params], s, 0.05, 1e-12, True, 0.01)
+    T.perturb_(params, grads, backups, s, 0.05, 1e-12, True, 0.01, True)
+    for w, r in zip(params, w_ref):
+        assert_matches(w, r)
+    kgrads = [g.unsqueeze(0) for g in grads]
+    outs = T.perturb_batched(original, kgrads, s, 0.05)
+    for out, e in zip(outs, reference.perturb_batched(original, kgrads, s, 0.05)):
+        assert out.device == other
+        assert_matches(out, e)
+    T.restore_(params, backups)
+    for w, o in zip(params, original):
+        assert_bits_equal(w, o)
+    ema = [torch.zeros_like(g) for g in grads]
+    g_ref, e_ref = _clone(grads), _clone(ema)
+    assert_sumsq(T.fsam_direction_(grads, ema, 0.7, 0.6, False, params, 0.01),
+                 reference.fsam_direction_(g_ref, e_ref, 0.7, 0.6, False, params, 0.01))
+    torch.cuda.synchronize(other)
+    assert torch.cuda.current_device() == 0
+
+
+def test_captured_graph_survives_cache_eviction() -> None:
+    """Tables used during a capture are pinned: more calls than the cache holds must not free them before replay."""
+    tables = kernels.tables
+    params, grads = _lists(torch.float32, contiguous=True)
+    backups = _clone(params)
+    original = _clone(params)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        T.restore_(params, backups)  # warm-up: validated, tables built
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        T.restore_(params, backups)
+    keep = [torch.randn(3 + i, device=CUDA) for i in range(tables.MAX_CACHED + 8)]
+    for t in keep:  # evicts every unpinned entry
+        T.grad_sumsq([t], None, 0.0, 1)
+    torch.cuda.synchronize()
+    junk = [torch.full((1 << 16,), -1, dtype=torch.int64, device=CUDA) for _ in range(64)]  # takes freed memory
+    for p in params:
+        p.add_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (w, o) in enumerate(zip(params, original)):
+        assert_bits_equal(w, o, f"params[{i}] restored by the replayed graph")
+    del junk
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_buckets_take_the_vector_kernels_and_match(dtype: torch.dtype) -> None:
+    """Element counts that are multiples of the vector width: the VEC > 1 (16-byte ld/st.global.v4) kernels run."""
+    vec = 16 // torch.empty(0, dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(vec,), (4096 + vec,), (64, vec, 3), (1_000_000,)]
+    params = [torch.randn(s, generator=gen).to(dtype).to(CUDA) for s in shapes]
+    kgrads = [torch.randn(2, *s, generator=gen).to(dtype).to(CUDA) for s in shapes]
+    assert kernels.tables.build([params, kgrads], [p.numel() for p in params], CUDA).vec == vec
+    s = T.grad_sumsq(kgrads, params, 0.01, 2)
+    assert_sumsq(s, reference.grad_sumsq(kgrads, params, 0.01, 2))
+    for a, e in zip(T.perturb_batched(params, kgrads, s, 0.05), reference.perturb_batched(params, kgrads, s, 0.05)):
+        assert_matches(a, e)
+    grads = [g[0].clone() for g in kgrads]
+    s1 = reference.grad_sumsq(grads, params, 0.01)
+    original, w_ref = _clone(params), _clone(params)
+    backups = [torch.empty_like(p) for p in params]
+    reference.perturb_(w_ref, grads, [torch.empty_like(p) for p in params], s1, 0.05, 1e-12, True, 0.01)
+    T.perturb_(params, grads, backups, s1, 0.05, 1e-12, True, 0.01, True)
+    for w, r, b, o in zip(params, w_ref, backups, original):
+        assert_matches(w, r)
+        assert_bits_equal(b, o)
+    T.restore_(params, backups)
+    for w, o in zip(params, original):
+        assert_bits_equal(w, o)
+    ema = [torch.randn_like(g) for g in grads]
+    g_ref, e_ref = _clone(grads), _clone(ema)
+    assert_sumsq(T.fsam_direction_(grads, ema, 0.7, 0.6, False, params, 0.01),
+                 reference.fsam_direction_(g_ref, e_ref, 0.7, 0.6, False, params, 0.01))
+    for a, e in zip(grads + ema, g_ref + e_ref):
+        assert_matches(a, e)
+
+
+def test_channels_last_step_is_capturable() -> None:
+    """channels_last params, grads and backups are indexed in place (no staging), so the step can be captured."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(4, 6, 5, 3, generator=gen).to(CUDA).contiguous(memory_format=torch.channels_last)]
+    grads = [torch.randn(4, 6, 5, 3, generator=gen).to(CUDA).contiguous(memory_format=torch.channels_last)]
+    backups = [torch.empty_like(params[0])]
+    original = _clone(params)
+
+    def step() -> torch.Tensor:
+        s = T.grad_sumsq(grads, params, 0.0, 1)
+        T.perturb_(params, grads, backups, s, 0.05, 1e-12, False, 0.0, True)
+        T.restore_(params, backups)
+        return s
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_sumsq(s, reference.grad_sumsq(grads, params, 0.0, 1))
+    assert_bits_equal(params[0], original[0])
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------------- no host sync

@@ -329,6 +329,7 @@ def test_restore_is_bit_exact_on_special_values(dtype: torch.dtype) -> None:
 
 def test_table_cache_hit_and_rebuild_after_grads_reallocated() -> None:
     tables = kernels.tables
+    tables.clear_cache()  # no entry of an earlier test can match the new tensors' addresses
     params, grads = _lists(torch.float32, shapes=SHAPES[:5])
     T.grad_sumsq(grads, params, 0.0, 1)
     builds = tables.stats["builds"]
@@ -451,12 +452,26 @@ def test_opcheck(name: str) -> None:
 @pytest.mark.slow
 def test_kernels_compile_for_a_gpu_without_a_gpu() -> None:
     """Every kernel specialization through the whole Triton compiler (TTIR .. PTX .. cubin via the bundled ptxas) for
-    sm_80, in a subprocess without TRITON_INTERPRET; the PTX must compute the scale with sqrt.rn.f64/div.rn.f64 and
-    have no approximate sqrt/division, no fma, no atomics."""
+    sm_80 and sm_90, in a subprocess without TRITON_INTERPRET; the PTX must compute the scale with
+    sqrt.rn.f64/div.rn.f64 and have no approximate sqrt/division, no fma, no atomics, and the aligned (VEC > 1)
+    specializations must use 16-byte vector loads/stores (~35 s per arch on a cold Triton cache)."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "sam_fused.kernels.aot", "--arch", "80"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "sam_fused.kernels.aot", "--arch", "80", "90"], env=env,
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "ok: every Triton kernel specialization compiled for sm_80" in run.stdout
+    for arch in (80, 90):
+        assert f"ok: every Triton kernel specialization compiled for sm_{arch}" in run.stdout
+
+
+def test_aot_flags_scalar_accesses_in_an_aligned_specialization() -> None:
+    """kernels/aot.py's PTX check itself: an aligned specialization without vector accesses is a problem."""
+    from sam_fused.kernels import aot
+
+    scalar = "ld.global.b32 %r1, [%rd1];\nst.global.b32 [%rd2], %r1;"
+    assert aot.check_ptx("copy VEC=1", {"VEC": 1}, scalar) == []
+    assert len(aot.check_ptx("copy VEC=4", {"VEC": 4}, scalar)) == 2
+    assert len(aot.check_ptx("sumsq VEC=4", {"VEC": 4}, scalar)) == 1  # reads only: no store expected
+    vector = "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\nst.global.v4.b32 [%rd2], {%r1, %r2, %r3, %r4};"
+    assert aot.check_ptx("copy VEC=4", {"VEC": 4}, vector) == []
