@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import baselines, profiles, timing
+from . import baselines, host, profiles, timing
 
 OPS = ("grad_sumsq", "perturb_", "restore_", "step")
 # Minimal element reads + writes per parameter: grad_sumsq reads g; perturb_ reads w, g and writes w, backup;
@@ -208,6 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adaptive", action="store_true", help="ASAM (T = |w|, eta = 0, as in the most used port)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repeats, small profiles, small copy buffer")
     p.add_argument("--json", metavar="PATH", help="also write every row and the machine info as JSON")
+    p.add_argument("--host", action="store_true", help=f"time the host overhead instead: SAM.first_step + restore "
+                   f"and the op layer on {host.TENSORS} one-element tensors, in us per step and per tensor")
     args = p.parse_args(argv)
     args.device = parse_device(p, args.device)
     args.profiles = (args.profiles or (QUICK_PROFILES if args.quick else DEFAULT_PROFILES)).split(",")
@@ -240,9 +242,26 @@ def select_impls(args: argparse.Namespace) -> tuple[dict[str, baselines.Impl], d
     return {b: baselines.make_impl(b) for b in wanted if b not in skipped}, skipped
 
 
+def main_host(args: argparse.Namespace, impls: dict[str, baselines.Impl]) -> int:
+    """--host: the per-tensor host cost of a step (bench/host.py); --profiles, --ops and --dtype do not apply."""
+    machine = timing.machine_info(args.device)
+    print(f"sam_fused bench --host: {machine['device_name']} ({args.device}), {machine['threads']} threads, "
+          f"torch {machine['torch']}; first_step + restore on {host.TENSORS} x 1 fp32 tensors, median of "
+          f"{args.repeat} after {args.warmup} warmup")
+    rows = host.measure([b for b in impls if b != "foreach"], args.device, args.repeat, args.warmup)
+    print(host.format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     impls, skipped = select_impls(args)
+    if args.host:
+        return main_host(args, impls)
     timer, timer_name = timing.make_timer(args.device)
     copy_numel = 1 << (24 if args.quick else 26)
     bandwidth_start = timing.copy_bandwidth(args.device, timer, copy_numel, max(args.repeat, 5))

@@ -128,21 +128,48 @@ def _serves(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == name
 
 
-_verified: dict[tuple[str, torch.device], bool] = {}
+_verified: dict[tuple[str, torch.device, torch.dtype], bool] = {}
 
 
-def _verified_on(name: str, device: torch.device) -> bool:
-    """GPU backends picked by `auto` first prove themselves against the reference on each device they meet."""
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _run_self_check(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The self-check, with torch's sync debug mode off while it runs: its host reads are the one-time exception
+    to "no host sync" (docs/DESIGN.md section 5), and under set_sync_debug_mode("error") they would raise and fail
+    a correct backend for the whole process."""
+    from .selfcheck import self_check
+
+    mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        return self_check(name, device, dtype)
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
+def _verified_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """GPU backends picked by `auto` first prove themselves against the reference on each (device, dtype) they meet.
+    The check synchronizes, so it cannot run inside a CUDA-graph capture: there an unverified (backend, device,
+    dtype) raises, and nothing is recorded (a failure caused by the capture must not disable the backend)."""
     if device.type != "cuda":
         return True
-    key = (name, device)
+    key = (name, device, dtype)
     if key not in _verified:
-        from .selfcheck import self_check
-
-        failure = self_check(name, device)
+        if _capturing(device):
+            raise RuntimeError(
+                f"sam_fused: backend {name!r} has not yet been checked against the reference for {dtype} on {device}, "
+                "and the check cannot run during CUDA-graph capture: run one step (first_step + second_step, or the "
+                "ops) before capturing, as torch.cuda.graphs recommends warm-up iterations")
+        failure = _run_self_check(name, device, dtype)
+        if _capturing(device):  # a capture began meanwhile (another thread): its errors are not the backend's
+            raise RuntimeError(f"sam_fused: CUDA-graph capture started during the self-check of {name!r} on {device}")
         if failure:
-            warnings.warn(f"sam_fused: backend {name!r} disagrees with the torch reference on {device} ({failure}); "
-                          "falling back for the rest of this process", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"sam_fused: backend {name!r} disagrees with the torch reference for {dtype} on {device} "
+                          f"({failure}); falling back for the rest of this process", RuntimeWarning, stacklevel=3)
         _verified[key] = failure is None
     return _verified[key]
 
@@ -158,7 +185,7 @@ def choose(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         return _chosen[key]
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("torch",))
-        picked = next(b for b in order if _serves(b, device, dtype) and _verified_on(b, device))
+        picked = next(b for b in order if _serves(b, device, dtype) and _verified_on(b, device, dtype))
     elif name not in BACKENDS:
         raise ValueError(f"unknown sam_fused backend {name!r}; choose from {('auto',) + BACKENDS}")
     elif _serves(name, device, dtype):

@@ -7,6 +7,7 @@ stay on the device; nothing here synchronizes with the host.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -44,6 +45,26 @@ def _buckets(name: str, primary: Tensors, others: dict[str, Tensors | None]) -> 
     return dict(groups)
 
 
+def _whole_on_cpu(primary: Tensors, backend: str) -> bool:
+    """True when the lists can go to the C++ CPU op whole, without the per-tensor grouping of _buckets: that op
+    checks every tensor's device and dtype against the first one's (ValueError / TypeError, raised before it writes
+    anything), so grouping here as well would pay the per-tensor host cost twice (~0.3 ms per call on 2000
+    tensors). A list the op refuses is then grouped after all (_cpu_or_buckets)."""
+    return bool(primary) and primary[0].is_cpu and choose(backend, primary[0].device, primary[0].dtype) == "cpu"
+
+
+def _cpu_or_buckets(primary: Tensors, backend: str, whole: Callable[[], object]) -> tuple[bool, object]:
+    """(True, whole()) when `whole` (the C++ CPU op on the whole lists) ran; (False, None) when the caller must
+    group the lists into buckets: they are not one CPU bucket of the cpu backend, or the op refused them (mixed
+    dtypes, or an error the bucket's own op will name again)."""
+    if _whole_on_cpu(primary, backend):
+        try:
+            return True, whole()
+        except (ValueError, TypeError):
+            pass
+    return False, None
+
+
 def _pick(ts: Tensors | None, idx: list[int] | None) -> Tensors | None:
     return ts if ts is None or idx is None else [ts[i] for i in idx]
 
@@ -73,6 +94,9 @@ def grad_sumsq(
     Every term is squared in fp64, so the sum of any finite fp32/bf16/fp16 gradient is finite."""
     _check_k(micro_batches)
     k = micro_batches
+    done, out = _cpu_or_buckets(grads, backend, lambda: torch.ops.sam_fused.grad_sumsq(grads, params, eta, k))
+    if done:
+        return out
     groups = _buckets("grads", grads, {"params": params})
     if not groups:
         device = grads[0].device if grads else torch.device("cpu")
@@ -100,6 +124,10 @@ def perturb_(
     """backup <- w; w <- w + rho * T^2 * g / (sqrt(sumsq) + eps) (no division if not normalize); no-op if sumsq is
     not finite."""
     _check_rho(rho)
+    cpu_op = torch.ops.sam_fused.perturb_
+    if _cpu_or_buckets(params, backend, lambda: cpu_op(params, grads, backups, _sumsq_for(sumsq, params[0].device),
+                                                        rho, eps, adaptive, eta, normalize))[0]:
+        return
     done: list[tuple[str, list[int] | None]] = []  # (backend, indices) of the buckets perturbed so far
     try:
         for (device, dtype), idx in _buckets("params", params, {"grads": grads, "backups": backups}).items():
@@ -140,6 +168,8 @@ def perturb_batched(
 
 def restore_(params: Tensors, backups: Tensors, backend: str = "auto") -> None:
     """w <- backup, bit-exact."""
+    if _cpu_or_buckets(params, backend, lambda: torch.ops.sam_fused.restore_(params, backups))[0]:
+        return
     for (device, dtype), idx in _buckets("params", params, {"backups": backups}).items():
         op_table(choose(backend, device, dtype)).restore_(_pick(params, idx), _pick(backups, idx))
 

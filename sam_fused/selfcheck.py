@@ -1,17 +1,26 @@
 """First-use self-check of a backend against the torch reference (docs/DESIGN.md section 4).
 
-No GPU is available to this project's CI, so a GPU backend picked by ``auto`` proves itself on each device it meets:
-every op runs on a small random tensor list and must match the reference (restore bit-exact). A mismatch names the
-op; the dispatcher then warns once and falls back for the rest of the process.
+No GPU is available to this project's CI, so a GPU backend picked by ``auto`` proves itself on each device and dtype
+it meets: every op runs on a random tensor list and must match the reference (restore bit-exact). A mismatch names
+the op; the dispatcher then warns once and falls back for that (device, dtype) for the rest of the process.
+
+The list holds what the kernels handle differently: odd sizes, a tensor of several chunks, views that start one
+element into their buffer (misaligned for vector loads), and more tensors than one launch of the CUDA kernels holds
+(1,263 at most), so that the continuation across launches runs too.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
 from . import ops
 
-SHAPES = [(0,), (1,), (7,), (33, 5), (3, 4, 5, 6), (70_001,)]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHAPES = [(0,), (1,), (7,), (33, 5), (3, 4, 5, 6), (70_001,)]  # 70,001: several chunks on every backend
+MANY = 1_300  # tiny tensors: more than one CUDA launch takes for any list depth (mta_planner.h max_tensors_for)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -20,30 +29,86 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a.float(), b.float(), rtol=2 * torch.finfo(a.dtype).eps, atol=1e-6, equal_nan=True)
 
 
+def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor of all values: one comparison instead of ~1,300 (the check's host time is mostly per tensor)."""
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _all_close(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> bool:
+    return _close(_flat(xs), _flat(ys))
+
+
+def _all_equal(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> bool:
+    return torch.equal(_flat(xs), _flat(ys))
+
+
+def _shapes() -> list[tuple[int, ...]]:
+    return SHAPES + [(i % 3 + 1,) for i in range(MANY)]
+
+
+@functools.cache
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
+
+
+def _offsets(shapes: list[tuple[int, ...]]) -> list[int]:
+    """Storage offsets of contiguous tensors packed in one buffer: even positions start on a 64-element boundary,
+    odd ones one element past it (misaligned for vector loads)."""
+    out, pos = [], 0
+    for i, shape in enumerate(shapes):
+        out.append((pos + 63) // 64 * 64 + i % 2)
+        pos = out[-1] + math.prod(shape)
+    return out
+
+
+def _extent(ts: list[torch.Tensor]) -> int:
+    return max(t.storage_offset() + t.numel() for t in ts)
+
+
 def _lists(device: torch.device, dtype: torch.dtype, k: int = 1, seed: int = 0) -> tuple[list, list]:
+    """(params, grads) with random values, each list views of one buffer at _offsets: one buffer keeps the
+    check's host time low with ~1,300 tensors."""
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(device, dtype) for s in SHAPES]
-    grads = [torch.randn((k, *s) if k > 1 else s, generator=gen).to(device, dtype) for s in SHAPES]
-    return params, grads
+    shapes = _shapes()
+    lists = []
+    for ss in (shapes, [(k, *s) if k > 1 else s for s in shapes]):
+        offsets = _offsets(ss)
+        buf = torch.randn(offsets[-1] + math.prod(ss[-1]), generator=gen).to(device, dtype)
+        lists.append([buf.as_strided(s, _strides(s), o) for s, o in zip(ss, offsets)])
+    return lists[0], lists[1]
 
 
-def _check_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    params, grads = _lists(device, dtype)
+def _like(ts: list[torch.Tensor], values: bool) -> list[torch.Tensor]:
+    """The same views (shapes, strides, storage offsets) of a new buffer, a copy of the old one when `values`: the
+    op under test gets the same layout, misalignment included. `ts` share one buffer (made by _lists)."""
+    whole = ts[0].as_strided((_extent(ts),), (1,), 0)
+    buf = whole.clone() if values else torch.empty_like(whole)
+    return [buf.as_strided(t.shape, t.stride(), t.storage_offset()) for t in ts]
+
+
+def _check_perturb(backend: str, params: list, grads: list) -> str | None:
     for adaptive in (False, True):
         args = (grads, params if adaptive else None, 0.01)
         s_ref, s_new = ops.grad_sumsq(*args, backend="torch"), ops.grad_sumsq(*args, backend=backend)
         if not _close(s_new, s_ref):
             return f"grad_sumsq(adaptive={adaptive})"
-        w_ref, w_new = [p.clone() for p in params], [p.clone() for p in params]
-        b_ref, b_new = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+        w_ref, w_new = _like(params, True), _like(params, True)
+        b_ref, b_new = _like(params, False), _like(params, False)
         ops.perturb_(w_ref, grads, b_ref, s_ref, 0.05, adaptive=adaptive, eta=0.01, backend="torch")
         ops.perturb_(w_new, grads, b_new, s_ref, 0.05, adaptive=adaptive, eta=0.01, backend=backend)
-        backups_ok = all(torch.equal(a, b) for a, b in zip(b_new, params))
-        if not backups_ok or not all(_close(a, b) for a, b in zip(w_new, w_ref)):
+        if not _all_equal(b_new, params) or not _all_close(w_new, w_ref):
             return f"perturb_(adaptive={adaptive})"
         ops.restore_(w_new, b_new, backend=backend)
-        if not all(torch.equal(a, b) for a, b in zip(w_new, params)):
+        if not _all_equal(w_new, params):
             return "restore_ (not bit-exact)"
+    return None
+
+
+def _check_batched(backend: str, params: list, device: torch.device, dtype: torch.dtype) -> str | None:
     k = 2
     _, kgrads = _lists(device, dtype, k, seed=1)
     s_ref = ops.grad_sumsq(kgrads, micro_batches=k, backend="torch")
@@ -51,25 +116,36 @@ def _check_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> str 
         return "grad_sumsq(micro_batches=2)"
     out_ref = ops.perturb_batched(params, kgrads, s_ref, 0.05, backend="torch")
     out_new = ops.perturb_batched(params, kgrads, s_ref, 0.05, backend=backend)
-    if not all(_close(a, b) for a, b in zip(out_new, out_ref)):
+    if not _all_close(out_new, out_ref):
         return "perturb_batched"
+    return None
+
+
+def _check_fsam(backend: str, params: list, grads: list) -> str | None:
     for first in (True, False):
-        g_ref, g_new = [g.clone() for g in grads], [g.clone() for g in grads]
-        m_ref, m_new = [p.clone() for p in params], [p.clone() for p in params]
+        g_ref, g_new = _like(grads, True), _like(grads, True)
+        m_ref, m_new = _like(params, True), _like(params, True)
         s_ref = ops.fsam_direction_(g_ref, m_ref, 1.0, 0.9, first, backend="torch")
         s_new = ops.fsam_direction_(g_new, m_new, 1.0, 0.9, first, backend=backend)
-        if not (_close(s_new, s_ref) and all(_close(a, b) for a, b in zip(g_new + m_new, g_ref + m_ref))):
+        if not (_close(s_new, s_ref) and _all_close(g_new + m_new, g_ref + m_ref)):
             return f"fsam_direction_(first={first})"
     return None
 
 
-def self_check(backend: str, device: torch.device) -> str | None:
-    """None if `backend` matches the reference on `device`, else a short description of the first mismatch."""
+def _check_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    params, grads = _lists(device, dtype)
+    return (_check_perturb(backend, params, grads) or _check_batched(backend, params, device, dtype)
+            or _check_fsam(backend, params, grads))
+
+
+def self_check(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None if `backend` matches the reference on `device` for `dtype` (default: fp32, bf16 and fp16), else a short
+    description of the first mismatch. It synchronizes with the host: do not call it during CUDA-graph capture."""
     try:
-        for dtype in (torch.float32, torch.bfloat16):
-            failure = _check_dtype(backend, device, dtype)
+        for dt in DTYPES if dtype is None else (dtype,):
+            failure = _check_dtype(backend, device, dt)
             if failure:
-                return f"{failure}, {dtype}"
+                return f"{failure}, {dt}"
     except Exception as e:  # a kernel that cannot even run here is a failed check, not a crash of the user's step
         return f"raised {type(e).__name__}: {e}"
     return None

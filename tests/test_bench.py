@@ -138,6 +138,21 @@ def test_second_step_bench_end_to_end(tmp_path) -> None:
     assert [r["vs_fused"] for r in rows if r["impl"] == "restore_sgd_ (fused)"] == [1.0]
 
 
+def test_host_overhead_option(tmp_path) -> None:
+    """--host times first_step + restore on 2000 one-element tensors: the per-tensor host cost, per backend and
+    level (the SAM optimizer, the op layer), beside the loop port."""
+    out = tmp_path / "host.json"
+    run = _cli("--device", "cpu", "--host", "--backends", "torch,loop", "--repeat", "2", "--warmup", "1",
+               "--json", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "us/tensor" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["backend"], r["level"]) for r in rows} == {("torch", "SAM"), ("torch", "ops"), ("loop", "ops")}
+    for r in rows:
+        assert r["tensors"] == 2000 and r["us_per_step"] > 0
+        assert r["us_per_tensor"] == pytest.approx(r["us_per_step"] / 2000)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sam_fused.bench", *args], capture_output=True, text=True,
                           timeout=120)

@@ -906,3 +906,20 @@ def test_truly_non_finite_gradient_still_skips(backend: str, dtype: torch.dtype,
     assert not torch.isfinite(norm) and torch.equal(p.detach(), w)
     opt.restore()
     assert torch.equal(p.detach(), w)
+
+
+def test_backups_follow_parameters_changed_in_place(backend: str) -> None:
+    """Backups are reused from step to step while the parameters are the same tensors in the same memory; a
+    parameter given new memory, a new dtype, or a new shape over the same memory gets a new backup."""
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    opt = sam_fused.SAM([p], torch.optim.SGD, lr=0.1, backend=backend)
+    for new in (lambda: torch.randn(6), lambda: p.data.view(2, 3), lambda: torch.randn(5).half(),
+                lambda: torch.randn(3, 4).t()):
+        p.data = new()
+        p.grad = torch.randn_like(p)
+        w = p.detach().clone()
+        for _ in range(2):
+            opt.first_step()
+            assert not torch.equal(p, w)
+            opt.restore()
+            assert torch.equal(p, w) and p.stride() == w.stride()
