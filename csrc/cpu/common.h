@@ -219,6 +219,19 @@ inline double blocked_sum(int64_t lo, int64_t vec_hi, const Step& step, const Re
   return std::isfinite(sum) ? sum : redo(lo, vec_hi);
 }
 
+// Adds the pack's terms to `sums` (FastSums or WideSums): x^2, or (x * t)^2 with t = |w| + eta from the pack of
+// weights at w (ASAM).
+template <class T, class Sums>
+inline void add_terms(Sums& sums, const Vec& x0, const Vec& x1, const T* w, const Vec& eta) {
+  if (w == nullptr) {
+    sums.add(x0, x1);
+    return;
+  }
+  Vec w0, w1;
+  load_pack(w, w0, w1);
+  sums.add_scaled(x0, x1, w0.abs() + eta, w1.abs() + eta);
+}
+
 // fp64 sum of (t * x)^2 over the packs of [lo, hi) of x, t = |w| + eta (t = 1 when w is null): blocked_sum's redo.
 template <class T>
 inline double wide_sumsq(const T* x, const T* w, int64_t lo, int64_t hi, float eta) {
@@ -227,13 +240,7 @@ inline double wide_sumsq(const T* x, const T* w, int64_t lo, int64_t hi, float e
   for (int64_t i = lo; i < hi; i += Pack<T>::kWidth) {
     Vec x0, x1;
     load_pack(x + i, x0, x1);
-    if (w == nullptr) {
-      sums.add(x0, x1);
-    } else {
-      Vec w0, w1;
-      load_pack(w + i, w0, w1);
-      sums.add_scaled(x0, x1, w0.abs() + eta_v, w1.abs() + eta_v);
-    }
+    add_terms(sums, x0, x1, w == nullptr ? nullptr : w + i, eta_v);
   }
   return sums.total();
 }

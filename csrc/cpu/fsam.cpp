@@ -50,13 +50,7 @@ double fsam_piece(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars
       store_pack_rounded(s.g + i, d0, d1);  // d0, d1 now hold the stored values
       store_pack(s.m + i, fsam_ema(g0, m0, lmbda, one_minus_lmbda), fsam_ema(g1, m1, lmbda, one_minus_lmbda));
     }
-    if constexpr (kAdaptive) {
-      Vec w0, w1;
-      load_pack(s.w + i, w0, w1);
-      sums.add_scaled(d0, d1, w0.abs() + eta, w1.abs() + eta);
-    } else {
-      sums.add(d0, d1);
-    }
+    add_terms(sums, d0, d1, kAdaptive ? s.w + i : nullptr, eta);
   };
   // If fp32 overflowed, the piece is summed again in fp64 from the direction as stored (step has written it).
   double sum = blocked_sum<T>(lo, vec_hi, step, [&](int64_t b, int64_t e) {

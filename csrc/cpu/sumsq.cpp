@@ -36,13 +36,7 @@ double piece_sumsq(const SumSeg<T>& s, int64_t lo, int64_t hi, float eta) {
   const auto step = [&](int64_t i, FastSums& sums) {
     Vec g0, g1;
     load_pack(s.g + i, g0, g1);
-    if constexpr (kAdaptive) {
-      Vec w0, w1;
-      load_pack(s.w + i, w0, w1);
-      sums.add_scaled(g0, g1, w0.abs() + eta_v, w1.abs() + eta_v);
-    } else {
-      sums.add(g0, g1);
-    }
+    add_terms(sums, g0, g1, kAdaptive ? s.w + i : nullptr, eta_v);
   };
   double sum = blocked_sum<T>(lo, vec_hi, step, [&](int64_t b, int64_t e) {
     return wide_sumsq<T>(s.g, kAdaptive ? s.w : nullptr, b, e, eta);
