@@ -191,7 +191,7 @@ def parse_device(p: argparse.ArgumentParser, text: str) -> torch.device:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    names = ("auto", *baselines.RUNS_ON, *baselines.BASELINES)
+    names = baselines.impl_names()
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(prog=prog_name(), description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=default_device,

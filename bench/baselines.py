@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import sam_fused
-from sam_fused import ops
+from sam_fused import _backends, ops
 
 EPS = 1e-12
 BASELINES = ("loop", "foreach")
@@ -149,19 +149,21 @@ def make_impl(name: str) -> Impl:
                 functools.partial(_fused_restore, backend=name))
 
 
-RUNS_ON = {"torch": None, "cpu": "cpu", "cuda": "cuda", "triton": "cuda"}  # None: any device
+def impl_names() -> tuple[str, ...]:
+    """Every name make_impl takes: "auto", each backend of the sam_fused backend table, the baselines."""
+    return ("auto", *_backends.NAMES, *BASELINES)
 
 
 def device_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
-    """sam_fused backends that can run `device` tensors here, and for each other one why not."""
-    usable, skipped = [], {}
-    for name, status in sam_fused.backends().items():
-        runs_on = RUNS_ON.get(name)
+    """sam_fused backends that can run `device` tensors here, and for each other one why not (from the backend table:
+    a backend that runs a device only under a test interpreter, like Triton's on the CPU, is meaningless to time)."""
+    usable, skipped, statuses = [], {}, sam_fused.backends()
+    for backend in _backends.BACKENDS:
+        status = statuses[backend.name]
         if not status.available:
-            skipped[name] = status.detail
-        elif runs_on is not None and runs_on != device.type:
-            # includes Triton under TRITON_INTERPRET=1: a test interpreter, meaningless to time
-            skipped[name] = f"runs {runs_on} tensors, the benchmark device is {device.type}"
+            skipped[backend.name] = status.detail
+        elif backend.devices is not None and device.type not in backend.devices:
+            skipped[backend.name] = f"runs {'/'.join(backend.devices)} tensors, the benchmark device is {device.type}"
         else:
-            usable.append(name)
+            usable.append(backend.name)
     return usable, skipped

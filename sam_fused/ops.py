@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from . import _registry, reference  # noqa: F401  (_registry defines torch.ops.sam_fused.*)
-from ._backends import choose, op_table
+from ._backends import choose, entry, op_table
 
 Tensors = list[torch.Tensor]
 Bucket = tuple[torch.device, torch.dtype]
@@ -45,21 +45,25 @@ def _buckets(name: str, primary: Tensors, others: dict[str, Tensors | None]) -> 
     return dict(groups)
 
 
-def _whole_on_cpu(primary: Tensors, backend: str) -> bool:
-    """True when the lists can go to the C++ CPU op whole, without the per-tensor grouping of _buckets: that op
-    checks every tensor's device and dtype against the first one's (ValueError / TypeError, raised before it writes
-    anything), so grouping here as well would pay the per-tensor host cost twice (~0.3 ms per call on 2000
-    tensors). A list the op refuses is then grouped after all (_cpu_or_buckets)."""
-    return bool(primary) and primary[0].is_cpu and choose(backend, primary[0].device, primary[0].dtype) == "cpu"
+def _whole_lists_table(primary: Tensors, backend: str) -> object | None:
+    """The op table of the first tensor's backend when it takes the lists whole, without the per-tensor grouping of
+    _buckets (Backend.validates_whole_lists: the C++ CPU ops check every tensor's device and dtype against the first
+    one's, raising ValueError / TypeError before they write anything); else None. A list that op refuses is then
+    grouped after all (_whole_or_buckets)."""
+    if not primary:
+        return None
+    backend_entry = entry(choose(backend, primary[0].device, primary[0].dtype))
+    return backend_entry.op_table() if backend_entry.validates_whole_lists else None
 
 
-def _cpu_or_buckets(primary: Tensors, backend: str, whole: Callable[[], object]) -> tuple[bool, object]:
-    """(True, whole()) when `whole` (the C++ CPU op on the whole lists) ran; (False, None) when the caller must
-    group the lists into buckets: they are not one CPU bucket of the cpu backend, or the op refused them (mixed
-    dtypes, or an error the bucket's own op will name again)."""
-    if _whole_on_cpu(primary, backend):
+def _whole_or_buckets(primary: Tensors, backend: str, whole: Callable[[object], object]) -> tuple[bool, object]:
+    """(True, whole(table)) when `whole` ran the lists whole on the op table of _whole_lists_table; (False, None)
+    when the caller must group the lists into buckets: that backend does not take them whole, or its op refused
+    them (mixed dtypes, or an error the bucket's own op will name again)."""
+    table = _whole_lists_table(primary, backend)
+    if table is not None:
         try:
-            return True, whole()
+            return True, whole(table)
         except (ValueError, TypeError):
             pass
     return False, None
@@ -94,7 +98,7 @@ def grad_sumsq(
     Every term is squared in fp64, so the sum of any finite fp32/bf16/fp16 gradient is finite."""
     _check_k(micro_batches)
     k = micro_batches
-    done, out = _cpu_or_buckets(grads, backend, lambda: torch.ops.sam_fused.grad_sumsq(grads, params, eta, k))
+    done, out = _whole_or_buckets(grads, backend, lambda table: table.grad_sumsq(grads, params, eta, k))
     if done:
         return out
     groups = _buckets("grads", grads, {"params": params})
@@ -124,9 +128,8 @@ def perturb_(
     """backup <- w; w <- w + rho * T^2 * g / (sqrt(sumsq) + eps) (no division if not normalize); no-op if sumsq is
     not finite."""
     _check_rho(rho)
-    cpu_op = torch.ops.sam_fused.perturb_
-    if _cpu_or_buckets(params, backend, lambda: cpu_op(params, grads, backups, _sumsq_for(sumsq, params[0].device),
-                                                        rho, eps, adaptive, eta, normalize))[0]:
+    if _whole_or_buckets(params, backend, lambda table: table.perturb_(
+            params, grads, backups, _sumsq_for(sumsq, params[0].device), rho, eps, adaptive, eta, normalize))[0]:
         return
     done: list[tuple[str, list[int] | None]] = []  # (backend, indices) of the buckets perturbed so far
     try:
@@ -168,7 +171,7 @@ def perturb_batched(
 
 def restore_(params: Tensors, backups: Tensors, backend: str = "auto") -> None:
     """w <- backup, bit-exact."""
-    if _cpu_or_buckets(params, backend, lambda: torch.ops.sam_fused.restore_(params, backups))[0]:
+    if _whole_or_buckets(params, backend, lambda table: table.restore_(params, backups))[0]:
         return
     for (device, dtype), idx in _buckets("params", params, {"backups": backups}).items():
         op_table(choose(backend, device, dtype)).restore_(_pick(params, idx), _pick(backups, idx))
@@ -211,11 +214,12 @@ def restore_sgd_(
     backend: str = "auto",
 ) -> None:
     """w <- backup, then torch.optim.SGD's update of w with grads and momentum_buffers (one per param when
-    momentum != 0, else []), bit-for-bit like restore_ followed by torch's step. Fused (one pass) by the cpu backend
-    for fp32; elsewhere the reference runs the two steps."""
+    momentum != 0, else []), bit-for-bit like restore_ followed by torch's step. Fused (one pass) by a backend for the
+    dtypes of its Backend.fused_sgd_dtypes (the cpu backend, fp32); elsewhere the reference runs the two steps."""
     others = {"backups": backups, "grads": grads, "momentum_buffers": momentum_buffers if momentum != 0 else None}
     for (device, dtype), idx in _buckets("params", params, others).items():
-        fused = choose(backend, device, dtype) == "cpu" and dtype == torch.float32
-        op = torch.ops.sam_fused.restore_sgd_ if fused else reference.restore_sgd_
+        backend_entry = entry(choose(backend, device, dtype))
+        fused = dtype in backend_entry.fused_sgd_dtypes
+        op = backend_entry.op_table().restore_sgd_ if fused else reference.restore_sgd_
         op(_pick(params, idx), _pick(backups, idx), _pick(grads, idx),
            _pick(momentum_buffers, idx) if momentum != 0 else [], lr, weight_decay, momentum, dampening, nesterov)

@@ -1,4 +1,4 @@
-"""First-use self-check of a backend against the torch reference (docs/DESIGN.md section 4).
+"""First-use self-check of a backend's op table against the torch reference (docs/DESIGN.md section 4).
 
 No GPU is available to this project's CI, so a GPU backend picked by ``auto`` proves itself on each device and dtype
 it meets: every op runs on a random tensor list and must match the reference (restore bit-exact). A mismatch names
@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 
-from . import ops
+from . import reference
+
+# A backend's op table (_backends.op_table): an object whose attributes are the ops of _registry.SCHEMAS, called with
+# their positional arguments on lists of one device and dtype. The check calls it directly, not through ops.py's
+# dispatch, so that this module needs neither ops nor _backends (which calls it).
+OpTable = Any
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(0,), (1,), (7,), (33, 5), (3, 4, 5, 6), (70_001,)]  # 70,001: several chunks on every backend
@@ -90,60 +96,64 @@ def _like(ts: list[torch.Tensor], values: bool) -> list[torch.Tensor]:
     return [buf.as_strided(t.shape, t.stride(), t.storage_offset()) for t in ts]
 
 
-def _check_perturb(backend: str, params: list, grads: list) -> str | None:
+RHO, EPS, ETA = 0.05, 1e-12, 0.01
+
+
+def _check_perturb(table: OpTable, params: list, grads: list) -> str | None:
     for adaptive in (False, True):
-        args = (grads, params if adaptive else None, 0.01)
-        s_ref, s_new = ops.grad_sumsq(*args, backend="torch"), ops.grad_sumsq(*args, backend=backend)
+        args = (grads, params if adaptive else None, ETA, 1)
+        s_ref, s_new = reference.grad_sumsq(*args), table.grad_sumsq(*args)
         if not _close(s_new, s_ref):
             return f"grad_sumsq(adaptive={adaptive})"
         w_ref, w_new = _like(params, True), _like(params, True)
         b_ref, b_new = _like(params, False), _like(params, False)
-        ops.perturb_(w_ref, grads, b_ref, s_ref, 0.05, adaptive=adaptive, eta=0.01, backend="torch")
-        ops.perturb_(w_new, grads, b_new, s_ref, 0.05, adaptive=adaptive, eta=0.01, backend=backend)
+        reference.perturb_(w_ref, grads, b_ref, s_ref, RHO, EPS, adaptive, ETA, True)
+        table.perturb_(w_new, grads, b_new, s_ref, RHO, EPS, adaptive, ETA, True)
         if not _all_equal(b_new, params) or not _all_close(w_new, w_ref):
             return f"perturb_(adaptive={adaptive})"
-        ops.restore_(w_new, b_new, backend=backend)
+        table.restore_(w_new, b_new)
         if not _all_equal(w_new, params):
             return "restore_ (not bit-exact)"
     return None
 
 
-def _check_batched(backend: str, params: list, device: torch.device, dtype: torch.dtype) -> str | None:
+def _check_batched(table: OpTable, params: list, device: torch.device, dtype: torch.dtype) -> str | None:
     k = 2
     _, kgrads = _lists(device, dtype, k, seed=1)
-    s_ref = ops.grad_sumsq(kgrads, micro_batches=k, backend="torch")
-    if not _close(ops.grad_sumsq(kgrads, micro_batches=k, backend=backend), s_ref):
+    s_ref = reference.grad_sumsq(kgrads, None, 0.0, k)
+    if not _close(table.grad_sumsq(kgrads, None, 0.0, k), s_ref):
         return "grad_sumsq(micro_batches=2)"
-    out_ref = ops.perturb_batched(params, kgrads, s_ref, 0.05, backend="torch")
-    out_new = ops.perturb_batched(params, kgrads, s_ref, 0.05, backend=backend)
+    out_ref = reference.perturb_batched(params, kgrads, s_ref, RHO, EPS, False, 0.0, True)
+    out_new = table.perturb_batched(params, kgrads, s_ref, RHO, EPS, False, 0.0, True)
     if not _all_close(out_new, out_ref):
         return "perturb_batched"
     return None
 
 
-def _check_fsam(backend: str, params: list, grads: list) -> str | None:
+def _check_fsam(table: OpTable, params: list, grads: list) -> str | None:
     for first in (True, False):
         g_ref, g_new = _like(grads, True), _like(grads, True)
         m_ref, m_new = _like(params, True), _like(params, True)
-        s_ref = ops.fsam_direction_(g_ref, m_ref, 1.0, 0.9, first, backend="torch")
-        s_new = ops.fsam_direction_(g_new, m_new, 1.0, 0.9, first, backend=backend)
+        s_ref = reference.fsam_direction_(g_ref, m_ref, 1.0, 0.9, first, None, 0.0)
+        s_new = table.fsam_direction_(g_new, m_new, 1.0, 0.9, first, None, 0.0)
         if not (_close(s_new, s_ref) and _all_close(g_new + m_new, g_ref + m_ref)):
             return f"fsam_direction_(first={first})"
     return None
 
 
-def _check_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def _check_dtype(table: OpTable, device: torch.device, dtype: torch.dtype) -> str | None:
     params, grads = _lists(device, dtype)
-    return (_check_perturb(backend, params, grads) or _check_batched(backend, params, device, dtype)
-            or _check_fsam(backend, params, grads))
+    return (_check_perturb(table, params, grads) or _check_batched(table, params, device, dtype)
+            or _check_fsam(table, params, grads))
 
 
-def self_check(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
-    """None if `backend` matches the reference on `device` for `dtype` (default: fp32, bf16 and fp16), else a short
-    description of the first mismatch. It synchronizes with the host: do not call it during CUDA-graph capture."""
+def self_check(table: OpTable, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None if the ops of `table` match the reference on `device` for `dtype` (default: fp32, bf16 and fp16), else a
+    short description of the first mismatch. It synchronizes with the host: do not call it during CUDA-graph
+    capture."""
     try:
         for dt in DTYPES if dtype is None else (dtype,):
-            failure = _check_dtype(backend, device, dt)
+            failure = _check_dtype(table, device, dt)
             if failure:
                 return f"{failure}, {dt}"
     except Exception as e:  # a kernel that cannot even run here is a failed check, not a crash of the user's step

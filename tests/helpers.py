@@ -6,9 +6,13 @@ import torch
 from torch.func import functional_call
 
 import sam_fused
+from sam_fused import _backends
 
 # Backends whose optimizer-level behaviour is tested on CPU tensors (the Triton interpreter has its own op tests).
-CPU_BACKENDS = [b for b in ("torch", "cpu") if sam_fused.backends()[b].available]
+# The backends made for CPU tensors that are usable here, from the backend table (Triton runs CPU tensors only under
+# its interpreter, which has its own test files).
+CPU_BACKENDS = [b.name for b in _backends.BACKENDS
+                if (b.devices is None or "cpu" in b.devices) and sam_fused.backends()[b.name].available]
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:

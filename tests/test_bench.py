@@ -9,7 +9,7 @@ import pytest
 import torch
 from sam_fused.bench import baselines, profiles
 
-from sam_fused import ops
+from sam_fused import _backends, ops
 
 
 @pytest.mark.parametrize("name, tensors, params", [("resnet50", 161, 25_557_032), ("vit_b16", 152, 86_567_656),
@@ -168,6 +168,13 @@ def test_cli_refuses_what_cannot_run_here() -> None:
         assert run.returncode == 2, (args, run.stdout, run.stderr)
         assert message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
         assert run.stdout == "", args  # no empty table
+
+
+def test_cli_backend_choices_are_the_backend_table() -> None:
+    run = _cli("--backends", "bogus")
+    assert run.returncode == 2, run.stderr
+    listed = run.stderr.strip().split("choose from ")[1].split(", ")
+    assert sorted(listed) == sorted(baselines.impl_names()) == sorted(["auto", *_backends.NAMES, *baselines.BASELINES])
 
 
 def test_cli_help_reads_like_a_tool() -> None:

@@ -436,9 +436,9 @@ def test_opcheck(name: str) -> None:
 
 
 def test_self_check_passes() -> None:
-    from sam_fused.selfcheck import self_check
+    from sam_fused._backends import self_check_backend
 
-    assert self_check("cuda", DEV) is None
+    assert self_check_backend("cuda", DEV) is None
 
 
 def _mlp(seed: int) -> torch.nn.Module:

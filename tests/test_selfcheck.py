@@ -3,7 +3,7 @@
 It must catch a backend that is wrong only for fp16, only for misaligned views, or only past one launch's tensor
 limit; it is cached per (backend, device, dtype); it never runs, and never records a failure, during CUDA-graph
 capture; and torch's sync debug mode "error" does not make it fail. No GPU here: capture and the debug mode are
-mocked, and a fake backend (the reference with one bug) stands in for a kernel.
+mocked, and a fake op table (the reference with one bug) stands in for a backend's kernels.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from sam_fused import _backends, ops, reference, selfcheck
+from sam_fused import _backends, reference, selfcheck
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only a key here: the mocked self-check never touches it
 
 
 class FakeBackend:
-    """The reference, except that perturb_ adds 1 to the weights of the tensors `buggy(tensor, list)` selects."""
+    """An op table: the reference, except that perturb_ adds 1 to the weights of the tensors `buggy(tensor, list)`
+    selects."""
 
     def __init__(self, buggy: Callable[[torch.Tensor, list], bool]) -> None:
         self.buggy = buggy
@@ -35,23 +36,17 @@ class FakeBackend:
                 p.add_(1.0)
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[torch.Tensor, list], bool]], None]:
-    """Install backend "fake" in the op layer with the given bug."""
-    choose, table = ops.choose, ops.op_table
-
-    def install(buggy: Callable[[torch.Tensor, list], bool]) -> None:
-        backend = FakeBackend(buggy)
-        monkeypatch.setattr(ops, "choose", lambda name, d, dt: "fake" if name == "fake" else choose(name, d, dt))
-        monkeypatch.setattr(ops, "op_table", lambda name: backend if name == "fake" else table(name))
-
-    return install
+# The compiled backends that run CPU tensors natively. Not the Triton interpreter: ~50 s per dtype on this list;
+# test_triton_interpret.py compares its ops with the reference.
+CPU_COMPILED = [b.name for b in _backends.BACKENDS if b.devices is not None and "cpu" in b.devices]
 
 
-@pytest.mark.parametrize("backend", ["cpu"])
+@pytest.mark.parametrize("backend", CPU_COMPILED)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
 def test_correct_backends_pass(backend: str, dtype: torch.dtype) -> None:
-    assert selfcheck.self_check(backend, CPU, dtype) is None
+    if not _backends.status(backend).available:
+        pytest.skip(_backends.status(backend).detail)
+    assert selfcheck.self_check(_backends.op_table(backend), CPU, dtype) is None
 
 
 def test_the_list_covers_what_kernels_treat_apart() -> None:
@@ -63,24 +58,33 @@ def test_the_list_covers_what_kernels_treat_apart() -> None:
     assert any(p.numel() % 2 == 1 and p.numel() > 1 for p in params)
 
 
-def test_catches_a_bug_in_fp16_only(fake: Callable) -> None:
-    fake(lambda p, ps: p.dtype == torch.float16)
-    assert selfcheck.self_check("fake", CPU, torch.float32) is None
-    assert selfcheck.self_check("fake", CPU, torch.bfloat16) is None
-    failure = selfcheck.self_check("fake", CPU)
+def test_catches_a_bug_in_fp16_only() -> None:
+    fake = FakeBackend(lambda p, ps: p.dtype == torch.float16)
+    assert selfcheck.self_check(fake, CPU, torch.float32) is None
+    assert selfcheck.self_check(fake, CPU, torch.bfloat16) is None
+    failure = selfcheck.self_check(fake, CPU)
     assert failure is not None and "perturb_" in failure and "float16" in failure
 
 
-def test_catches_a_bug_in_misaligned_views_only(fake: Callable) -> None:
-    fake(lambda p, ps: p.data_ptr() % 16 != 0)  # e.g. a 16-byte vector load assumed aligned
-    failure = selfcheck.self_check("fake", CPU, torch.float32)
+def test_catches_a_bug_in_misaligned_views_only() -> None:
+    fake = FakeBackend(lambda p, ps: p.data_ptr() % 16 != 0)  # e.g. a 16-byte vector load assumed aligned
+    failure = selfcheck.self_check(fake, CPU, torch.float32)
     assert failure is not None and "perturb_" in failure
 
 
-def test_catches_a_bug_past_one_launch_only(fake: Callable) -> None:
-    fake(lambda p, ps: len(ps) > 1_263 and p is ps[-1])  # e.g. the last launch of a multi-launch list is dropped
-    failure = selfcheck.self_check("fake", CPU, torch.float32)
+def test_catches_a_bug_past_one_launch_only() -> None:
+    fake = FakeBackend(lambda p, ps: len(ps) > 1_263 and p is ps[-1])  # e.g. the last launch of a list is dropped
+    failure = selfcheck.self_check(fake, CPU, torch.float32)
     assert failure is not None and "perturb_" in failure
+
+
+def test_an_op_that_raises_fails_the_check() -> None:
+    class Broken(FakeBackend):
+        def fsam_direction_(self, *args: object) -> None:
+            raise RuntimeError("no kernel image for this device")
+
+    failure = selfcheck.self_check(Broken(lambda p, ps: False), CPU, torch.float32)
+    assert failure is not None and "no kernel image" in failure
 
 
 @pytest.fixture
@@ -92,8 +96,8 @@ def dispatcher(monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: world["mode"])
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: world.__setitem__("mode", mode))
 
-    def self_check(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-        world["calls"].append((name, device, dtype))
+    def self_check(table: object, device: torch.device, dtype: torch.dtype) -> str | None:
+        world["calls"].append((table, device, dtype))
         world["modes_seen"].append(world["mode"])
         return "perturb_" if dtype in world["fail"] else None
 
@@ -110,7 +114,7 @@ def test_capture_before_the_check_raises_and_records_nothing(dispatcher: dict) -
     assert _backends._verified_on("cuda", CUDA, torch.float32)
     dispatcher["capturing"] = True  # a verified (backend, device, dtype) runs inside the capture
     assert _backends._verified_on("cuda", CUDA, torch.float32)
-    assert dispatcher["calls"] == [("cuda", CUDA, torch.float32)]
+    assert dispatcher["calls"] == [(_backends.op_table("cuda"), CUDA, torch.float32)]
 
 
 def test_checked_and_cached_per_dtype(dispatcher: dict) -> None:
@@ -119,7 +123,8 @@ def test_checked_and_cached_per_dtype(dispatcher: dict) -> None:
         assert not _backends._verified_on("triton", CUDA, torch.float16)
     assert _backends._verified_on("triton", CUDA, torch.float32)
     assert _backends._verified_on("triton", CUDA, torch.float32)
-    assert dispatcher["calls"] == [("triton", CUDA, torch.float16), ("triton", CUDA, torch.float32)]
+    triton = _backends.op_table("triton")
+    assert dispatcher["calls"] == [(triton, CUDA, torch.float16), (triton, CUDA, torch.float32)]
 
 
 def test_sync_debug_error_mode_is_off_during_the_check_only(dispatcher: dict) -> None:
@@ -132,3 +137,11 @@ def test_cpu_devices_need_no_check(dispatcher: dict) -> None:
     dispatcher["capturing"] = True
     assert _backends._verified_on("cpu", CPU, torch.float16)
     assert dispatcher["calls"] == []
+
+
+def test_only_backends_marked_self_checks_are_checked(dispatcher: dict) -> None:
+    for backend in _backends.BACKENDS:
+        assert _backends._verified_on(backend.name, CUDA, torch.float32)
+    checked = {name for name, _, _ in _backends._verified}
+    assert checked == {b.name for b in _backends.BACKENDS if b.self_checks}
+    assert _backends.REFERENCE not in checked  # the reference is never checked against itself

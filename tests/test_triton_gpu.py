@@ -466,6 +466,6 @@ def test_opcheck(name: str) -> None:
 
 def test_self_check_passes() -> None:
     """The dispatcher's first-use check (what `auto` runs before trusting the backend on a device) finds no mismatch."""
-    from sam_fused.selfcheck import self_check
+    from sam_fused._backends import self_check_backend
 
-    assert self_check("triton", CUDA) is None
+    assert self_check_backend("triton", CUDA) is None

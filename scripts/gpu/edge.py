@@ -496,12 +496,12 @@ def triton_recompiles():
 
 
 def selfcheck_cost():
-    from sam_fused.selfcheck import self_check
+    from sam_fused._backends import self_check_backend
 
     rows, status = [], "INFO"
     for backend in USABLE:
         t0 = time.perf_counter()
-        r = self_check(backend, DEV)
+        r = self_check_backend(backend, DEV)
         rows.append(f"{backend}: {'ok' if r is None else r} in {time.perf_counter() - t0:.2f}s")
         if r is not None:
             status = "FAIL"
