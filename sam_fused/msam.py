@@ -12,12 +12,16 @@ perturbation, see sam_fused.distributed).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from .batchnorm import running_stats_disabled
 from .distributed import no_sync_unless
-from .optim import SAM, _Slot, make_slots
+from .param_slices import GroupSlice, group_slices
+
+if TYPE_CHECKING:  # type hints only: optim imports the mSAM modules
+    from .optim import SAM
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -60,8 +64,8 @@ def msam_sequential(
     """One mSAM step in 2k micro-batch passes: leaves .grad = G and, if `base_step`, takes the base optimizer's
     step. Returns the mean unperturbed micro-batch loss."""
     batches = split_micro_batches(inputs, targets, k)
-    slots_params = [(g, [p for p in g["params"] if p.requires_grad]) for g in opt.param_groups]
-    flat = [p for _, ps in slots_params for p in ps]
+    group_params = [(g, [p for p in g["params"] if p.requires_grad]) for g in opt.param_groups]
+    flat = [p for _, ps in group_params for p in ps]
     opt.zero_grad(set_to_none=True)
     losses = []
     try:
@@ -70,7 +74,7 @@ def msam_sequential(
                 loss = check_scalar_loss(loss_fn(model(*xj), *yj), j)
                 losses.append(loss.detach())
                 grads = torch.autograd.grad(loss, flat, allow_unused=True)
-            opt._perturb(_slots_from(slots_params, grads))
+            opt._perturb(_slices_from(group_params, grads))
             with no_sync_unless(model, j == k - 1), running_stats_disabled(model):
                 (loss_fn(model(*xj), *yj) / k).backward()
             opt.restore()
@@ -82,15 +86,15 @@ def msam_sequential(
     return torch.stack(losses).mean()
 
 
-def _slots_from(slots_params: list, grads: tuple) -> list[_Slot]:
-    """Slots (group, params, grads) from autograd.grad's output, skipping params it returned no gradient for."""
-    slots, i = [], 0
-    for group, params in slots_params:
+def _slices_from(group_params: list, grads: tuple) -> list[GroupSlice]:
+    """Slices (group, params, grads) from autograd.grad's output, skipping params it returned no gradient for."""
+    slices, i = [], 0
+    for group, params in group_params:
         ps, gs = [], []
         for p in params:
             if grads[i] is not None:
                 ps.append(p)
                 gs.append(grads[i])
             i += 1
-        slots.extend(make_slots(group, ps, gs))
-    return slots
+        slices.extend(group_slices(group, ps, gs))
+    return slices

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,10 @@ from .msam_layers import (
     split_rows,
     weight_grads,
 )
-from .optim import EPS, SAM
+from .param_slices import EPS
+
+if TYPE_CHECKING:  # type hints only: optim imports the mSAM modules
+    from .optim import SAM
 
 SUPPORTED = "nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm and parameter-free modules"
 

@@ -19,62 +19,20 @@ import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.optim.optimizer as _optimizer_module
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
-from . import ops
+from . import msam_dispatch, ops
+from .param_slices import EPS, GroupSlice, group_slices, local_tensor
 
-EPS = 1e-12
 # Gradients are multiplied by this (an exact power of two) when an fp64 sum of squares overflows (norm > ~1.3e154):
 # e = rho * g / ||g|| is unchanged by the rescale, and the rescaled sum fits in fp64 (see SAM._perturb).
 FP64_RESCALE_EXP = 600
-SAM_KEYS = ("rho", "adaptive", "eta", "normalize")
-
-
-@dataclass
-class _Slot:
-    """Parameters of one param group that have a gradient this step, with their gradients (local tensors).
-
-    `shard_group` is set for parameters sharded across ranks (FSDP2 DTensors with Shard placements): their sums of
-    squares are partial and get all-reduced, as fp64 sums of squares (not norms), before the norm is taken.
-    """
-
-    group: dict[str, Any]
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    shard_group: Any = None
-    owners: list[torch.Tensor] = field(default_factory=list)  # the parameters themselves (DTensors stay DTensors)
-
-
-def _local(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """(local tensor, process group whose ranks hold the other shards, or None)."""
-    if not isinstance(t, DTensor):
-        return t, None
-    mesh = t.device_mesh
-    if mesh.ndim != 1 or not all(isinstance(pl, (Shard, Replicate)) for pl in t.placements):
-        raise NotImplementedError(f"SAM supports DTensors on a 1-D mesh with Shard/Replicate placements, got "
-                                  f"{t.placements} on {mesh}")
-    sharded = any(isinstance(pl, Shard) for pl in t.placements)
-    return t._local_tensor, (mesh.get_group() if sharded else None)
-
-
-def make_slots(group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[_Slot]:
-    """One slot per kind of parameter in `group`: plain (or replicated) tensors, and sharded ones per process group."""
-    if not any(issubclass(cls, DTensor) for cls in set(map(type, params))):  # the common case, no work per tensor
-        return [_Slot(group, params, grads, owners=params)] if params else []
-    by_group: dict[Any, _Slot] = {}
-    for p, g in zip(params, grads):
-        p_local, pg = _local(p)
-        slot = by_group.setdefault(pg, _Slot(group, [], [], pg))
-        slot.owners.append(p)
-        slot.params.append(p_local)
-        slot.grads.append(_local(g)[0])
-    return list(by_group.values())
 
 
 @dataclass
@@ -127,23 +85,21 @@ def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return part if total is None else total + part.to(total.device, non_blocking=True)
 
 
-# name: (lowest, highest, what the error says). rho, eta and sigma reach the kernels as fp32 scalars.
-_HYPER_RANGES = {
-    "rho": (0.0, ops.FP32_MAX, f"a finite number >= 0 (at most {ops.FP32_MAX:.4g}, the fp32 range)"),
-    "eta": (0.0, ops.FP32_MAX, f"a finite number >= 0 (at most {ops.FP32_MAX:.4g}, the fp32 range)"),
-    "sigma": (-ops.FP32_MAX, ops.FP32_MAX, "a finite number"),
-    "lmbda": (0.0, 1.0, "a number in [0, 1]"),
-}
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric hyperparameter may take (bounds included), and how an error message says so."""
+
+    low: float
+    high: float
+    rule: str
+
+    def admits(self, value: object) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and self.low <= value <= self.high
 
 
-def _check_hyper(group: dict[str, Any], where: str = "param group") -> None:
-    """A ValueError naming the first bad SAM hyperparameter of `group` (what the kernels could not use exactly)."""
-    for key, (lo, hi, rule) in _HYPER_RANGES.items():
-        if key not in group:  # sigma / lmbda: F-SAM only
-            continue
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise ValueError(f"{where}: {key} must be {rule}, got {value!r}")
+# rho, eta and F-SAM's sigma reach the kernels as fp32 scalars.
+FP32_NON_NEGATIVE = Range(0.0, ops.FP32_MAX, f"a finite number >= 0 (at most {ops.FP32_MAX:.4g}, the fp32 range)")
+FP32_FINITE = Range(-ops.FP32_MAX, ops.FP32_MAX, "a finite number")
 
 
 class SAM(torch.optim.Optimizer):
@@ -169,7 +125,9 @@ class SAM(torch.optim.Optimizer):
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **self._extra_defaults())
+        # A subclass passes its own hyperparameters (F-SAM's sigma, lmbda) here too; the rest go to the base optimizer.
+        own = {key: base_kwargs.pop(key) for key in self.hyperparameters() if key in base_kwargs}
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, **own)
         defaults.update(base_kwargs)
         super().__init__(params, defaults)
         if isinstance(base_optimizer, torch.optim.Optimizer):
@@ -187,14 +145,33 @@ class SAM(torch.optim.Optimizer):
         # Backups per (param group, shard group), reused every step while they fit (_backups_for); never
         # checkpointed.
         self._backups: dict[tuple[int, Any], _BackupSet] = {}
-        self._perturbed: list[tuple[_Slot, list[torch.Tensor]]] = []  # (slot, its backups) since first_step
+        self._perturbed: list[tuple[GroupSlice, list[torch.Tensor]]] = []  # (slot, its backups) since first_step
         self.fused_second_step = True  # restore + torch.optim.SGD update in one pass where exact (_fused_sgd_plan)
         self.last_grad_norm: torch.Tensor | None = None
         # msam_step(method="auto"): per model, per shape_key, whether the fast path was proven (True) or disproved
         self._msam_proofs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _extra_defaults(self) -> dict[str, Any]:
-        return {}
+    # This class's own per-group hyperparameters (the rest of a group is the base optimizer's) and the values each
+    # may take (None: a flag, not range-checked). A subclass declares only its additions: hyperparameters() merges
+    # the declarations along the MRO, and every check (_check_group) reads that.
+    HYPERPARAMETERS: ClassVar[dict[str, Range | None]] = {
+        "rho": FP32_NON_NEGATIVE, "adaptive": None, "eta": FP32_NON_NEGATIVE, "normalize": None,
+    }
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Range | None]:
+        """Every hyperparameter this optimizer owns, with its range: the HYPERPARAMETERS of each class in the MRO."""
+        merged: dict[str, Range | None] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("HYPERPARAMETERS", {}))
+        return merged
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        """A ValueError naming the first hyperparameter of `group` outside its declared range (what the kernels
+        could not use exactly)."""
+        for key, allowed in self.hyperparameters().items():
+            if allowed is not None and not allowed.admits(group[key]):
+                raise ValueError(f"{where}: {key} must be {allowed.rule}, got {group[key]!r}")
 
     def _adopt(self, base: torch.optim.Optimizer) -> None:
         """Use an existing optimizer over the same parameters; copy each SAM group's settings into its group."""
@@ -204,9 +181,8 @@ class SAM(torch.optim.Optimizer):
             if len(sam_groups) != 1 or any(p not in owner for p in bg["params"]):
                 raise ValueError("base_optimizer instance must be built over the same parameters (and groups) as SAM")
             sg = owner[bg["params"][0]]
-            for key in self.defaults:
-                if key in SAM_KEYS or key in self._extra_defaults():
-                    bg[key] = sg[key]
+            for key in self.hyperparameters():
+                bg[key] = sg[key]
         if sum(len(g["params"]) for g in base.param_groups) != len(owner):
             raise ValueError("base_optimizer instance must be built over the same parameters as SAM")
         self.base_optimizer = base
@@ -216,7 +192,7 @@ class SAM(torch.optim.Optimizer):
         would be updated twice (listed twice, or overlapping the memory of another parameter)."""
         super().add_param_group(param_group)
         try:
-            _check_hyper(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+            self._check_group(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
             _check_distinct(self.param_groups)
         except ValueError:
             self.param_groups.pop()
@@ -225,7 +201,7 @@ class SAM(torch.optim.Optimizer):
     def _check_groups(self) -> None:
         """Every group's hyperparameters, each step: they may have been edited through param_groups."""
         for i, group in enumerate(self.param_groups):
-            _check_hyper(group, f"param_groups[{i}]")
+            self._check_group(group, f"param_groups[{i}]")
 
     # -- perturbation ---------------------------------------------------------------------------------------------
 
@@ -234,7 +210,7 @@ class SAM(torch.optim.Optimizer):
         """True between first_step() and second_step()/restore(): the weights are w + e, not w."""
         return bool(self._perturbed)
 
-    def _slots(self) -> list[_Slot]:
+    def _slots(self) -> list[GroupSlice]:
         """This step's slots: the parameters that have a gradient. The op layer validates the gradients (dense,
         real floating point); _check_grads() names a bad one when it refuses them."""
         slots = []
@@ -244,7 +220,7 @@ class SAM(torch.optim.Optimizer):
             if any(g is None for g in grads):
                 params = [p for p, g in zip(params, grads) if g is not None]
                 grads = [g for g in grads if g is not None]
-            slots.extend(make_slots(group, params, grads))
+            slots.extend(group_slices(group, params, grads))
         return slots
 
     def _check_grads(self) -> None:
@@ -258,7 +234,7 @@ class SAM(torch.optim.Optimizer):
                     raise TypeError(f"{where} is complex; sam_fused supports real floating-point parameters only")
 
     def _direction_sumsq(
-        self, slots: list[_Slot], slot_sumsq: Callable[[_Slot], torch.Tensor] | None = None
+        self, slots: list[GroupSlice], slot_sumsq: Callable[[GroupSlice], torch.Tensor] | None = None
     ) -> torch.Tensor | None:
         """The global sum of (T * direction)^2 over all slots: fp64 [1] on the first slot's device. `slot_sumsq`
         defaults to this optimizer's (F-SAM's turns the gradients into its direction first)."""
@@ -274,16 +250,16 @@ class SAM(torch.optim.Optimizer):
             total = _add(total, part)
         return total
 
-    def _slot_sumsq(self, s: _Slot) -> torch.Tensor:
+    def _slot_sumsq(self, s: GroupSlice) -> torch.Tensor:
         """Sum of (T * direction)^2 over one slot. SAM's direction is g itself."""
         return self._grad_sumsq(s)
 
-    def _grad_sumsq(self, s: _Slot) -> torch.Tensor:
+    def _grad_sumsq(self, s: GroupSlice) -> torch.Tensor:
         """Sum of (T * g)^2 over one slot's gradients as they are."""
         return ops.grad_sumsq(s.grads, s.params if s.group["adaptive"] else None, s.group["eta"], backend=self.backend)
 
     @staticmethod
-    def _fp64_overflow(slots: list[_Slot], sumsq: torch.Tensor) -> bool:
+    def _fp64_overflow(slots: list[GroupSlice], sumsq: torch.Tensor) -> bool:
         """True when fp64 gradients' sum of squares overflowed fp64 (norm > ~1.3e154): finite fp32/bf16/fp16
         gradients cannot do that (their squares are summed in fp64), an inf gradient gives inf again after the
         rescale. Only models with fp64 gradients pay the host read it takes; under CUDA-graph capture it cannot be
@@ -294,7 +270,7 @@ class SAM(torch.optim.Optimizer):
             return False
         return bool(torch.isinf(sumsq).any())
 
-    def _backups_for(self, s: _Slot, fresh: bool = False) -> list[torch.Tensor]:
+    def _backups_for(self, s: GroupSlice, fresh: bool = False) -> list[torch.Tensor]:
         """The backups of one slot's parameters, laid out like them (a channels_last weight gets a channels_last
         backup, which the kernels write in place; a contiguous one would be staged through a copy every step).
 
@@ -312,7 +288,7 @@ class SAM(torch.optim.Optimizer):
         return entry.backups
 
     @torch.no_grad()
-    def _perturb(self, slots: list[_Slot]) -> torch.Tensor | None:
+    def _perturb(self, slots: list[GroupSlice]) -> torch.Tensor | None:
         """w <- w + e for every slot, with one global norm; returns the norm (a 0-dim device tensor, no host sync)."""
         if self._perturbed:
             raise RuntimeError("weights are already perturbed: call second_step() or restore() before first_step()")
@@ -328,7 +304,7 @@ class SAM(torch.optim.Optimizer):
             self._perturbed.append((s, self._perturb_slot(s, sumsq)))
         return (sumsq.sqrt() * 2.0 ** exp).reshape(())  # 0-dim, like torch.nn.utils.clip_grad_norm_
 
-    def _perturb_slot(self, s: _Slot, sumsq: torch.Tensor) -> list[torch.Tensor]:
+    def _perturb_slot(self, s: GroupSlice, sumsq: torch.Tensor) -> list[torch.Tensor]:
         """Perturb one slot; returns its backups. The op validates every list before writing anything, so when it
         refuses reused backups (a parameter changed shape in place) it can run again with new ones."""
         g = s.group
@@ -374,7 +350,7 @@ class SAM(torch.optim.Optimizer):
         return self.last_grad_norm
 
     @staticmethod
-    def _unscale(slots: list[_Slot], grad_scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    def _unscale(slots: list[GroupSlice], grad_scaler: torch.amp.GradScaler) -> torch.Tensor | None:
         """Unscale the gradients in place and return how many were non-finite (a device tensor; None without
         gradients), in the one fused pass torch's GradScaler uses. Sharded slots add up their ranks' counts."""
         scale = getattr(grad_scaler, "_scale", None)  # device tensor; get_scale() would sync with the host
@@ -530,62 +506,10 @@ class SAM(torch.optim.Optimizer):
         Every call checks that loss_fn returns a 0-dim loss and that the batch is not empty (ValueError).
         Which one ran is recorded in ``self.last_msam_info``: {"method": ..., "reason": ...} and, for the fast path,
         "layers": {module name: how it was handled} (e.g. "linear low-rank", "linear materialized (ASAM)").
+        The choice, and the first-use proofs (kept per optimizer in ``self._msam_proofs``), are made in
+        sam_fused.msam_dispatch.
         """
-        from .distributed import is_ddp
-        from .msam import msam_sequential
-        from .msam_fast import FastPathUnsupported, fast_path_support, msam_fast, msam_proven, shape_key
-
-        if method not in ("auto", "fast", "sequential"):
-            raise ValueError(f"method must be 'auto', 'fast' or 'sequential', got {method!r}")
-        if self._perturbed:
-            raise RuntimeError("weights are perturbed by first_step(): call second_step() or restore() before "
-                               "msam_step()")
-        self._check_groups()
-        reason = "method='sequential'"
-        if method == "fast" or (method == "auto" and micro_batches != 1):
-            supported, reason = fast_path_support(model)
-            if is_ddp(model):
-                supported, reason = False, "DDP-wrapped models run the sequential path"
-            proofs = self._msam_proofs.setdefault(model, {})
-            key = shape_key(inputs, targets, micro_batches)
-            if supported and method == "auto" and proofs.get(key) is False:
-                supported, reason = False, ("on first use the fast path's gradient disagreed with the sequential "
-                                            "path's on this model and input shapes")
-            if supported:
-                layers: dict[str, str] = {}
-                try:
-                    if method == "auto" and key not in proofs:
-                        loss, diff, tol = msam_proven(self, model, loss_fn, inputs, targets, micro_batches, layers)
-                        proofs[key] = diff <= tol
-                        if not proofs[key]:
-                            warnings.warn(
-                                f"msam_step: the fast path's gradient differs from the sequential path's by {diff:.3g} "
-                                f"(relative; tolerance {tol:.1g}) on this model: the model is outside what the fast "
-                                "path supports (examples interacting across the batch, a batch dim other than 0?); "
-                                "this model runs the sequential path from now on. This step used the sequential "
-                                "gradient.", RuntimeWarning, stacklevel=2)
-                            self.last_msam_info = {"method": "sequential", "reason": "fast path disproved on first use",
-                                                   "relative_difference": diff}
-                            self._opt_called = True
-                            return loss
-                        reason += f"; proven on first use (G within {diff:.1g} relative of the sequential path's)"
-                    else:
-                        loss = msam_fast(self, model, loss_fn, inputs, targets, micro_batches, plan=layers)
-                    self.last_msam_info = {"method": "fast", "reason": reason, "layers": layers}
-                    self._opt_called = True  # the base optimizer stepped (for LR schedulers, as in second_step)
-                    return loss
-                except FastPathUnsupported as err:  # raised before any state changed
-                    if method == "fast":
-                        raise
-                    reason = str(err)
-            elif method == "fast":
-                raise FastPathUnsupported(f"msam_step(method='fast') cannot run on this model: {reason}")
-        elif method == "auto":
-            reason = "k=1 is SAM: the sequential path is already two passes"
-        self.last_msam_info = {"method": "sequential", "reason": reason}
-        loss = msam_sequential(self, model, loss_fn, inputs, targets, micro_batches)
-        self._opt_called = True
-        return loss
+        return msam_dispatch.msam_step(self, model, loss_fn, inputs, targets, micro_batches, method)
 
     # -- checkpointing --------------------------------------------------------------------------------------------
 
@@ -614,7 +538,7 @@ class SAM(torch.optim.Optimizer):
             for key, value in current.items():
                 saved.setdefault(key, value)
         for i, group in enumerate(saved_groups):
-            _check_hyper(group, f"the state_dict's param_groups[{i}]")
+            self._check_group(group, f"the state_dict's param_groups[{i}]")
         self.restore()
         self._backups.clear()  # kept per group: the groups are replaced below
         if base_state is not None:
@@ -656,6 +580,9 @@ class FriendlySAM(SAM):
     sigma=0 is SAM. The EMA lives in ``state[p]["fsam_ema"]`` and is checkpointed.
     """
 
+    HYPERPARAMETERS: ClassVar[dict[str, Range | None]] = {
+        "sigma": FP32_FINITE, "lmbda": Range(0.0, 1.0, "a number in [0, 1]"),
+    }
     _STATE_KEYS = ("fsam_ema",)
 
     def __init__(
@@ -671,13 +598,10 @@ class FriendlySAM(SAM):
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        self._fsam_defaults = {"sigma": sigma, "lmbda": lmbda}
-        super().__init__(params, base_optimizer, rho, adaptive, eta, normalize, backend, **base_kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, eta, normalize, backend, sigma=sigma, lmbda=lmbda,
+                         **base_kwargs)
 
-    def _extra_defaults(self) -> dict[str, Any]:
-        return self._fsam_defaults
-
-    def _slot_sumsq(self, s: _Slot) -> torch.Tensor:
+    def _slot_sumsq(self, s: GroupSlice) -> torch.Tensor:
         """grads <- d in place (and the EMA advanced); returns the sum of (T * d)^2."""
         g, total = s.group, None
         # Parameters seen for the first time start their EMA (first=True); split them from the others.
@@ -690,7 +614,7 @@ class FriendlySAM(SAM):
             if first:  # the EMA is laid out like its parameter (a DTensor for a sharded one), for checkpoints
                 for i in idx:
                     self.state[s.owners[i]]["fsam_ema"] = torch.empty_like(s.owners[i])
-            ema = [_local(self.state[s.owners[i]]["fsam_ema"])[0] for i in idx]
+            ema = [local_tensor(self.state[s.owners[i]]["fsam_ema"])[0] for i in idx]
             part = ops.fsam_direction_([s.grads[i] for i in idx], ema, g["sigma"], g["lmbda"], first,
                                        params if g["adaptive"] else None, g["eta"], backend=self.backend)
             total = _add(total, part)

@@ -20,6 +20,7 @@ from helpers import (
 )
 
 import sam_fused
+from sam_fused.optim import Range
 
 STEPS = 4
 LR, MOMENTUM = 0.1, 0.9
@@ -740,6 +741,33 @@ def test_sam_checkpoint_loads_into_friendly_sam(backend: str) -> None:
     fsam.load_state_dict(sam.state_dict())
     assert fsam.param_groups[0]["sigma"] == 0.5 and fsam.param_groups[0]["momentum"] == MOMENTUM
     _train(model, fsam, x, y, 1)
+
+
+class _DampedSAM(sam_fused.SAM):
+    """A variant with one extra hyperparameter, declared as a new variant would declare it."""
+
+    HYPERPARAMETERS = {"damping": Range(0.0, 1.0, "a number in [0, 1]")}
+
+    def __init__(self, params, base_optimizer, damping: float = 0.5, **kwargs) -> None:
+        super().__init__(params, base_optimizer, damping=damping, **kwargs)
+
+
+def test_a_variant_declares_its_hyperparameters_in_one_place(backend: str) -> None:
+    """The declaration alone makes `damping` a per-group hyperparameter of the variant: kept from the base
+    optimizer's keyword arguments, checked at construction and each step, copied into an adopted base optimizer."""
+    model = make_model()
+    params = list(model.parameters())
+    assert list(_DampedSAM.hyperparameters()) == ["rho", "adaptive", "eta", "normalize", "damping"]
+    assert "damping" not in sam_fused.SAM.hyperparameters()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: damping must be a number in \[0, 1\], got 2"):
+        _DampedSAM(params, torch.optim.SGD, damping=2, lr=LR, backend=backend)
+    opt = _DampedSAM(params, torch.optim.SGD, lr=LR, backend=backend)  # SGD would refuse a `damping` argument
+    assert opt.param_groups[0]["damping"] == 0.5
+    opt.param_groups[0]["damping"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: damping must be"):
+        opt.msam_step(model, mse, *make_data(), micro_batches=2)
+    adopted = _DampedSAM(params, torch.optim.SGD(params, lr=LR), damping=0.25, backend=backend)
+    assert adopted.base_optimizer.param_groups[0]["damping"] == 0.25
 
 
 def test_msam_refuses_an_empty_batch_and_an_active_perturbation(backend: str) -> None:
