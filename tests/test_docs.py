@@ -72,3 +72,12 @@ def test_no_reference_to_a_design_file_outside_the_repo() -> None:
              if not line.startswith(("docs/DESIGN.md:", "tests/test_docs.py:"))
              and re.search(r"(?<!docs/)DESIGN(?!\.md section|\.md\b)|(?<!docs/)DESIGN\.md", line)]
     assert not stray, stray
+
+
+def test_recipes_name_files_that_exist() -> None:
+    """docs/RECIPES.md tells a newcomer which files a change touches: every path it names must exist."""
+    text = (ROOT / "docs" / "RECIPES.md").read_text()
+    paths = set(re.findall(r"`((?:sam_fused|csrc|kernels|tests|bench|docs)/[\w./]+\.(?:py|h|cpp|cu|md))`", text))
+    assert len(paths) > 20
+    missing = sorted(p for p in paths if not (ROOT / p).is_file())
+    assert not missing, f"docs/RECIPES.md names files that do not exist: {missing}"
