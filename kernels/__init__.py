@@ -6,9 +6,10 @@ Without the ``triton`` package it raises ModuleNotFoundError (name ``triton``, s
 ``sam_fused.backends()`` reports as "unavailable".
 
 Files: numerics.py (per-element helpers, tile sizes, alignment hints), tables.py (address tables + cache, pinned
-during CUDA graph capture), checks.py (validation cached per call, layouts and staging, the device guard), norm.py
-(grad_sumsq), perturb.py (perturb_, perturb_batched, restore_), fsam.py (fsam_direction_), register.py
-(torch.library registration), aot.py (compile every specialization without a GPU, PTX checks).
+during CUDA graph capture), checks.py (validation cached per call, layouts and staging, the device guard); one file per
+op, named like the op in every backend: grad_sumsq.py, perturb.py (perturb_, perturb_batched, restore_),
+fsam_direction.py; register.py (torch.library registration), aot.py (compile every specialization without a GPU, PTX
+checks).
 """
 
 try:

@@ -21,7 +21,7 @@ from itertools import product
 import triton
 import triton.language as tl
 
-from . import fsam, norm, perturb
+from . import fsam_direction, grad_sumsq, perturb
 from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, REDUCE_BLOCK, STORAGE
 
 _TABLES = {"numels", "unit_tensor", "unit_offset"}
@@ -62,19 +62,19 @@ def specializations() -> Iterator[tuple[str, triton.JITFunction, dict]]:
         for vec in _vecs(it):
             common = {"DT": dt, "IT": it, "VEC": vec, **tile}
             for has_t in (False, True):
-                yield f"sumsq {name} HAS_T={has_t} VEC={vec}", norm._sumsq_partials, {"HAS_T": has_t, **common}
+                yield f"sumsq {name} HAS_T={has_t} VEC={vec}", grad_sumsq._sumsq_partials, {"HAS_T": has_t, **common}
             for adaptive, normalize in product((False, True), repeat=2):
                 flags = {"ADAPTIVE": adaptive, "NORMALIZE": normalize, **common}
                 yield f"perturb {name} {adaptive=} {normalize=} VEC={vec}", perturb._perturb_kernel, flags
                 yield (f"perturb_batched {name} {adaptive=} {normalize=} VEC={vec}", perturb._perturb_batched_kernel,
                        flags)
             for first, has_t in product((False, True), repeat=2):
-                yield f"fsam {name} {first=} {has_t=} VEC={vec}", fsam._fsam_kernel, {"FIRST": first, "HAS_T": has_t,
-                                                                                      **common}
+                yield (f"fsam {name} {first=} {has_t=} VEC={vec}", fsam_direction._fsam_kernel,
+                       {"FIRST": first, "HAS_T": has_t, **common})
     for it in (tl.uint16, tl.uint32):
         for vec in _vecs(it):
             yield f"copy {it} VEC={vec}", perturb._copy_kernel, {"IT": it, "VEC": vec, **tile}
-    yield "combine", norm.combine_partials, {"REDUCE_BLOCK": REDUCE_BLOCK}
+    yield "combine", grad_sumsq.combine_partials, {"REDUCE_BLOCK": REDUCE_BLOCK}
 
 
 def check_ptx(label: str, constexprs: dict, ptx: str) -> list[str]:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from triton.runtime.interpreter import InterpretedFunction
 
-    if isinstance(norm._sumsq_partials, InterpretedFunction):
+    if isinstance(grad_sumsq._sumsq_partials, InterpretedFunction):
         print("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled", file=sys.stderr)
         return 2
     failed = False

@@ -1,9 +1,9 @@
 # register.py — makes the Triton kernels the implementations of the sam_fused_triton::<op> ops.
 #
 # The schemas (with their mutated lists declared, Tensor(a!)[]) and the fake impls are defined in
-# sam_fused/_registry.py; here the Python wrappers of norm.py, perturb.py and fsam.py are registered for the CUDA
-# dispatch key, and additionally for CPU when TRITON_INTERPRET=1 was set at import: then the kernels are executed by
-# the Triton interpreter on CPU tensors, which is how they are tested on machines without a GPU.
+# sam_fused/_registry.py; here the Python wrappers of grad_sumsq.py, perturb.py and fsam_direction.py are registered
+# for the CUDA dispatch key, and additionally for CPU when TRITON_INTERPRET=1 was set at import: then the kernels are
+# executed by the Triton interpreter on CPU tensors, which is how they are tested on machines without a GPU.
 from __future__ import annotations
 
 import torch
@@ -11,8 +11,8 @@ import torch
 from sam_fused import _registry  # defines the sam_fused_triton namespace and its schemas
 
 from .checks import INTERPRET
-from .fsam import fsam_direction_
-from .norm import grad_sumsq
+from .fsam_direction import fsam_direction_
+from .grad_sumsq import grad_sumsq
 from .perturb import perturb_, perturb_batched, restore_
 
 IMPLS = {

@@ -42,8 +42,8 @@ SCHEMAS = {
 OPS = tuple(SCHEMAS)
 
 # Fused optimizer steps: restore + the base optimizer's update in one pass, bit-for-bit equal to restore_ followed by
-# torch's own step. Namespace sam_fused only, fp32 CPU kernel (csrc/cpu/sgd.cpp) and the reference for any device;
-# SAM.second_step uses it when it can (see SAM._fused_sgd_plan).
+# torch's own step. Namespace sam_fused only, fp32 CPU kernel (csrc/cpu/restore_sgd.cpp) and the reference for any
+# device; SAM.second_step uses it when it can (see SAM._fused_sgd_plan).
 STEP_SCHEMAS = {
     "restore_sgd_": (
         "restore_sgd_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

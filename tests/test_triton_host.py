@@ -27,7 +27,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it when CUDA is unavailable)",
                 allow_module_level=True)
 kernels = pytest.importorskip("sam_fused.kernels", reason="triton is not installed (pip install triton)")
-from sam_fused.kernels import checks, fsam, norm, perturb, tables  # noqa: E402
+from sam_fused.kernels import checks, fsam_direction, grad_sumsq, perturb, tables  # noqa: E402
 from sam_fused.kernels.numerics import CHUNK  # noqa: E402
 
 T = torch.ops.sam_fused_triton
@@ -108,10 +108,11 @@ def test_every_launch_happens_under_the_guard_of_the_tensors_device(monkeypatch:
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for module in (norm, perturb, fsam):
+    for module in (grad_sumsq, perturb, fsam_direction):
         monkeypatch.setattr(module, "on_device", guard)
-    for module, name in [(norm, "_sumsq_partials"), (norm, "combine_partials"), (perturb, "_perturb_kernel"),
-                         (perturb, "_perturb_batched_kernel"), (perturb, "_copy_kernel"), (fsam, "_fsam_kernel")]:
+    spied = [(grad_sumsq, "_sumsq_partials"), (grad_sumsq, "combine_partials"), (perturb, "_perturb_kernel"),
+             (perturb, "_perturb_batched_kernel"), (perturb, "_copy_kernel"), (fsam_direction, "_fsam_kernel")]
+    for module, name in spied:
         monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
     _run_every_op(*_lists(SHAPES[:2]))
     names = {name for name, _ in launches}

@@ -448,7 +448,7 @@ def _jit_variants(fn) -> list:
 def triton_vector_width():
     if "triton" not in USABLE:
         return ("SKIP", "triton backend unavailable")
-    from sam_fused.kernels import norm
+    from sam_fused.kernels import grad_sumsq as tn
     from sam_fused.kernels import perturb as tp
 
     p = torch.randn(1 << 20, device=DEV)
@@ -457,7 +457,7 @@ def triton_vector_width():
     ops.perturb_([p], [g], [b], torch.ones(1, device=DEV), 1e-9, backend="triton")
     ops.restore_([p], [b], backend="triton")
     rows, vec_total = [], 0
-    for name, fn in (("copy", tp._copy_kernel), ("perturb", tp._perturb_kernel), ("sumsq", norm._sumsq_partials)):
+    for name, fn in (("copy", tp._copy_kernel), ("perturb", tp._perturb_kernel), ("sumsq", tn._sumsq_partials)):
         ptx = [getattr(k, "asm", {}).get("ptx", "") for k in _jit_variants(fn)]
         ldst = [ln for x in ptx for ln in x.splitlines() if re.search(r"\b(?:ld|st)\.global\b", ln)]
         vec = sum(1 for ln in ldst if re.search(r"\.v[24]\.", ln))
@@ -470,11 +470,11 @@ def triton_vector_width():
 def triton_recompiles():
     if "triton" not in USABLE:
         return ("SKIP", "triton backend unavailable")
-    from sam_fused.kernels import norm
+    from sam_fused.kernels import grad_sumsq as tn
     from sam_fused.kernels import perturb as tp
 
     gen = torch.Generator().manual_seed(4)
-    before = (len(_jit_variants(norm._sumsq_partials)), len(_jit_variants(tp._perturb_kernel)))
+    before = (len(_jit_variants(tn._sumsq_partials)), len(_jit_variants(tp._perturb_kernel)))
     times = []
     for length in range(1, 41):
         shapes = [(int(x),) for x in torch.randint(1, 20000, (length,), generator=gen)]
@@ -487,7 +487,7 @@ def triton_recompiles():
         ops.perturb_(P, G, Bk, s, 0.05, backend="triton")
         sync()
         times.append(time.perf_counter() - t0)
-    after = (len(_jit_variants(norm._sumsq_partials)), len(_jit_variants(tp._perturb_kernel)))
+    after = (len(_jit_variants(tn._sumsq_partials)), len(_jit_variants(tp._perturb_kernel)))
     slow = [f"len {i + 1}: {t * 1e3:.0f} ms" for i, t in enumerate(times) if i >= 2 and t > 0.25]
     detail = f"variants sumsq {before[0]}->{after[0]}, perturb {before[1]}->{after[1]} over list lengths 1..40"
     if slow:

@@ -4,13 +4,13 @@
 //
 // The wrappers mirror what csrc/cuda/ops.cpp hands the launchers (one address and element count per tensor, the
 // plan of plan_for_depth, fp64 sumsq and partial-sum buffers, rho and eps as given) for contiguous tensors; validation
-// and layout staging are ops.cpp's job and are not exercised here. reduce.inc, perturb.inc and fsam.inc are the
+// and layout staging are ops.cpp's job and are not exercised here. grad_sumsq.inc, perturb.inc and fsam_direction.inc are the
 // rewritten kernel files.
 #include "cuda_emu.h"  // first: it redefines the CUDA keywords the kernel files use
 
-#include "fsam.inc"
+#include "fsam_direction.inc"
 #include "perturb.inc"
-#include "reduce.inc"
+#include "grad_sumsq.inc"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>

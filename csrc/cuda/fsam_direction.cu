@@ -1,11 +1,11 @@
-// fsam.cu — fsam_direction_ (Friendly-SAM, docs/DESIGN.md sections 1 and 3), in place and fused with its norm:
+// fsam_direction.cu — fsam_direction_ (Friendly-SAM, docs/DESIGN.md sections 1 and 3), in place and fused with its norm:
 //   first step:  ema <- g, d = g
 //   later steps: d = g - sigma * ema_prev;  ema <- lmbda * ema_prev + (1 - lmbda) * g
 //   grads <- d, and the op returns sum of (T * d)^2 over all tensors (T = |w| + eta with params, else 1).
 // The sum is taken over d as STORED (rounded to the storage dtype), exactly what a later grad_sumsq of the grads
 // would see, so one pass replaces two. The sum is fp64 and reduced like grad_sumsq's (each term squared in fp64,
 // fp64 accumulators): per-block partials written to a buffer (stage 1, here), summed in a fixed order by finish_sums
-// (stage 2, reduce.cu).
+// (stage 2, grad_sumsq.cu).
 #include "cuda/mta.cuh"
 
 namespace sam_fused::cuda {

@@ -1,4 +1,4 @@
-// fsam.cpp — fsam_direction_: the Friendly-SAM direction and EMA update, fused with the norm of the direction.
+// fsam_direction.cpp — fsam_direction_: the Friendly-SAM direction and EMA update, fused with the norm of the direction.
 //
 // One pass per element: d = g - sigma * m_prev and m = lmbda * m_prev + (1 - lmbda) * g (or, on the first step,
 // m = g and d = g), written in place into grads and ema, plus the sum of (T * d)^2 that the perturbation needs. The

@@ -1,14 +1,15 @@
-# fsam.py — fsam_direction_ in Triton: the Friendly-SAM direction, EMA update and its squared norm in one pass.
+# fsam_direction.py — fsam_direction_ in Triton: the Friendly-SAM direction, EMA update and its squared norm in one
+# pass.
 #
 # What (official F-SAM order, sam_fused/reference.py):
 #   first step:  ema <- g (raw bits), d = g (grads unchanged)
 #   later steps: d = g - sigma * m_prev; m = lmbda * m_prev + (1 - lmbda) * g; grads <- d; ema <- m
 # and returns fp64 [1] = sum of (T * d)^2 with T = |w| + eta when params are given (else 1), squared and summed in
-# fp64 as in norm.py.
+# fp64 as in grad_sumsq.py.
 # Why fused: the norm of the direction is needed next (perturb_), so it is accumulated while d is in registers,
 # saving a full pass over the gradients. It is taken of the STORED d (rounded to the storage dtype), exactly like the
 # reference, which computes grad_sumsq of the updated grads. Per-program partials + the fixed-order combine of
-# norm.py keep it deterministic (no float atomics).
+# grad_sumsq.py keep it deterministic (no float atomics).
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,7 @@ import triton.language as tl
 from sam_fused import _checks as _shared
 
 from .checks import check_lists, on_device, operands, prepare
-from .norm import reduce_partials
+from .grad_sumsq import reduce_partials
 from .numerics import BLOCK, ITERS, LAUNCH_OPTIONS, STORAGE, bits_to_f32, f32_to_bits, tensor_ptr, unit_of
 
 

@@ -1,4 +1,4 @@
-# norm.py — grad_sumsq in Triton: sum over a list of tensors of (T * g)^2, per micro-batch slice, in one launch.
+# grad_sumsq.py — grad_sumsq in Triton: sum over a list of tensors of (T * g)^2, per micro-batch slice, in one launch.
 #
 # What: grads are [k, *p.shape] (k = micro_batches; plain [*p.shape] when k = 1); T = |w| + eta when params are given
 # (broadcast over the k slices), else 1. Result: fp64 [k] on the tensors' device. Each term is squared in fp64
@@ -8,7 +8,7 @@
 #           fp64 vector accumulator, reduces it with tl.sum and writes partials[pid] (fp64);
 #   stage 2 (combine_partials): program j adds partials[j * P : (j + 1) * P] in a fixed order, in fp64.
 # The partition into work units depends only on the shapes, so the result is the same bits on every run.
-# combine_partials is also used by fsam.py.
+# combine_partials is also used by fsam_direction.py.
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,4 @@
-// sgd.cpp — restore_sgd_: SAM's restore and torch.optim.SGD's update in one pass over the data.
+// restore_sgd.cpp — restore_sgd_: SAM's restore and torch.optim.SGD's update in one pass over the data.
 //
 // Why: SAM's second step restores w from its backup and then the base optimizer reads w back to update it. Fused,
 // each element reads backup, g and the momentum buffer once and writes w and the buffer once (20 bytes per fp32

@@ -1,4 +1,4 @@
-// reduce.cu — grad_sumsq (docs/DESIGN.md section 3) and the second stage shared by every reduction.
+// grad_sumsq.cu — grad_sumsq (docs/DESIGN.md section 3) and the second stage shared by every reduction.
 //
 // grad_sumsq(grads, params, eta, k) = per micro-batch slice j, the sum over all tensors of (T * g[j])^2 with
 // T = |w| + eta when params are given (broadcast over the k slices), else T = 1. It is the norm that scales SAM's

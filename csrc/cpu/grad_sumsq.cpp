@@ -1,4 +1,4 @@
-// sumsq.cpp — grad_sumsq: sum over a whole gradient list of (T * g)^2, per micro-batch slice, in one parallel pass.
+// grad_sumsq.cpp — grad_sumsq: sum over a whole gradient list of (T * g)^2, per micro-batch slice, in one parallel pass.
 //
 // This is the norm half of a SAM first step: it reads every gradient once (4 bytes per fp32 parameter, the minimum).
 // Each (tensor, slice) is one segment of the chunked work list (common.h); every chunk writes its own partial sums,
