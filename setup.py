@@ -100,7 +100,8 @@ def pick_isa() -> str:
 def cpu_extension(torch):
     from torch.utils.cpp_extension import CppExtension
 
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/testing/*.cpp"))
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/shared/*.cpp"))  # shared: the host layer
+    sources += sorted(glob.glob("csrc/testing/*.cpp"))
     isa = pick_isa()
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
                  # the kernels must round exactly like the reference: no fused multiply-add contraction
@@ -181,8 +182,11 @@ def cuda_extension(torch):
     log(f"CUDA kernels built with the toolkit in {home} for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     record(CUDA_EXT, True, f"CUDA toolkit {home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    sources += sorted(glob.glob("csrc/shared/*.cpp"))  # the host layer, also in _C_cpu: hidden, so never shared
     return cpp_extension.CUDAExtension(CUDA_EXT, sources, include_dirs=[os.path.abspath("csrc")],
-                                       extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+                                       extra_compile_args={"cxx": ["-O3", "-fvisibility=hidden",
+                                                                   "-fvisibility-inlines-hidden"],
+                                                           "nvcc": ["-O3"]})
 
 
 def compiled_parts() -> tuple[list, dict]:

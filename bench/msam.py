@@ -25,6 +25,8 @@ from torch import nn
 
 import sam_fused
 
+from . import timing
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: causal attention from nn.Linear q/k/v/o + a 4x MLP, each with a residual."""
@@ -128,17 +130,6 @@ def bench_model(name: str, ks: list[int], repeats: int) -> list[dict]:
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> str:
     """The 1/5/15-minute load averages: a shared machine's benchmark means little without them."""
     try:
@@ -172,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"mSAM vs SAM step time: {cpu_name()} ({platform.machine()}, {os.cpu_count()} CPUs), "
+    cpu = timing.device_name(torch.device("cpu"))
+    print(f"mSAM vs SAM step time: {cpu} ({platform.machine()}, {os.cpu_count()} CPUs), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats} interleaved "
           f"repeats, load average before: {load_average()}", flush=True)
     rows = [row for name in args.models for row in bench_model(name, args.ks, args.repeats)]

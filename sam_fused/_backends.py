@@ -58,23 +58,26 @@ def _not_loaded(module: str, what: str, error: ImportError) -> BackendStatus:
     return BackendStatus(False, detail)
 
 
-def _load_cpu() -> BackendStatus:
+def _load_compiled(module: str, what: str, key: str) -> BackendStatus | None:
+    """Imports a compiled extension and checks it registered kernels for its dispatch key; None when it did."""
     try:
-        importlib.import_module("sam_fused._C_cpu")
+        importlib.import_module(module)
     except ImportError as e:
-        return _not_loaded("sam_fused._C_cpu", "C++ CPU extension", e)
-    if not _has_kernel("sam_fused", "CPU"):
-        return BackendStatus(False, "sam_fused._C_cpu loaded but registered no CPU kernels")
-    return BackendStatus(True, f"C++ (at::parallel_for x at::vec), {torch.get_num_threads()} threads")
+        return _not_loaded(module, what, e)
+    if not _has_kernel("sam_fused", key):
+        return BackendStatus(False, f"{module} loaded but registered no {key} kernels")
+    return None
+
+
+def _load_cpu() -> BackendStatus:
+    failed = _load_compiled("sam_fused._C_cpu", "C++ CPU extension", "CPU")
+    return failed or BackendStatus(True, f"C++ (at::parallel_for x at::vec), {torch.get_num_threads()} threads")
 
 
 def _load_cuda() -> BackendStatus:
-    try:
-        importlib.import_module("sam_fused._C_cuda")
-    except ImportError as e:
-        return _not_loaded("sam_fused._C_cuda", "CUDA extension", e)
-    if not _has_kernel("sam_fused", "CUDA"):
-        return BackendStatus(False, "sam_fused._C_cuda loaded but registered no CUDA kernels")
+    failed = _load_compiled("sam_fused._C_cuda", "CUDA extension", "CUDA")
+    if failed is not None:
+        return failed
     if not torch.cuda.is_available():
         return BackendStatus(False, "CUDA kernels compiled and registered, but no CUDA device is visible")
     return BackendStatus(True, f"CUDA C++ on {torch.cuda.get_device_name()}")

@@ -38,13 +38,14 @@ FP64_RESCALE_EXP = 600
 @dataclass
 class _BackupSet:
     """One slot's backups and what they were made for: the group, its parameters (held, so that their ids stay
-    theirs), their ids and data pointers."""
+    theirs), their ids and data pointers; whether any is fp64 (only fp64 gradients can overflow an fp64 sum)."""
 
     group: dict[str, Any]
     params: list[torch.Tensor]
     ids: tuple[int, ...]
     ptrs: tuple[int, ...]
     backups: list[torch.Tensor]
+    fp64: bool = False
 
 
 def _backup_like(p: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
@@ -259,18 +260,22 @@ class SAM(torch.optim.Optimizer):
         return ops.grad_sumsq(s.grads, s.params if s.group["adaptive"] else None, s.group["eta"], backend=self.backend)
 
     @staticmethod
-    def _fp64_overflow(slots: list[GroupSlice], sumsq: torch.Tensor) -> bool:
+    def _fp64_overflow(backup_sets: list[_BackupSet], sumsq: torch.Tensor) -> bool:
         """True when fp64 gradients' sum of squares overflowed fp64 (norm > ~1.3e154): finite fp32/bf16/fp16
         gradients cannot do that (their squares are summed in fp64), an inf gradient gives inf again after the
-        rescale. Only models with fp64 gradients pay the host read it takes; under CUDA-graph capture it cannot be
-        read, and such a step is skipped as if non-finite (docs/DESIGN.md section 5)."""
-        if not any(g.dtype == torch.float64 for s in slots for g in s.grads):
+        rescale. Only models with fp64 parameters (whose gradients perturb_ requires to be fp64 too; cached with the
+        backups) pay the host read it takes; under CUDA-graph capture it cannot be read, and such a step is skipped
+        as if non-finite (docs/DESIGN.md section 5)."""
+        if not any(b.fp64 for b in backup_sets):
             return False
         if sumsq.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
         return bool(torch.isinf(sumsq).any())
 
     def _backups_for(self, s: GroupSlice, fresh: bool = False) -> list[torch.Tensor]:
+        return self._backup_set(s, fresh).backups
+
+    def _backup_set(self, s: GroupSlice, fresh: bool = False) -> _BackupSet:
         """The backups of one slot's parameters, laid out like them (a channels_last weight gets a channels_last
         backup, which the kernels write in place; a contiguous one would be staged through a copy every step).
 
@@ -284,8 +289,9 @@ class SAM(torch.optim.Optimizer):
         if fresh or entry is None or entry.group is not s.group or entry.ids != ids or entry.ptrs != ptrs:
             old = {} if entry is None or fresh else dict(zip(entry.ids, entry.backups))
             backups = [_backup_like(p, old.get(id(p))) for p in s.params]
-            entry = self._backups[key] = _BackupSet(s.group, list(s.params), ids, ptrs, backups)
-        return entry.backups
+            fp64 = any(b.dtype == torch.float64 for b in backups)
+            entry = self._backups[key] = _BackupSet(s.group, list(s.params), ids, ptrs, backups, fp64)
+        return entry
 
     @torch.no_grad()
     def _perturb(self, slots: list[GroupSlice]) -> torch.Tensor | None:
@@ -295,21 +301,22 @@ class SAM(torch.optim.Optimizer):
         sumsq = self._direction_sumsq(slots)
         if sumsq is None:
             return None
+        backup_sets = [self._backup_set(s) for s in slots]
         exp = 0
-        if self._fp64_overflow(slots, sumsq):  # the same e from gradients scaled by 2^-600 (exact), on copies
+        if self._fp64_overflow(backup_sets, sumsq):  # the same e from gradients scaled by 2^-600 (exact), on copies
             exp = FP64_RESCALE_EXP
             slots = [replace(s, grads=torch._foreach_mul(s.grads, 2.0 ** -exp)) for s in slots]
             sumsq = self._direction_sumsq(slots, self._grad_sumsq)  # F-SAM's direction is already in s.grads
-        for s in slots:
-            self._perturbed.append((s, self._perturb_slot(s, sumsq)))
+        for s, b in zip(slots, backup_sets):
+            self._perturbed.append((s, self._perturb_slot(s, sumsq, b.backups)))
         return (sumsq.sqrt() * 2.0 ** exp).reshape(())  # 0-dim, like torch.nn.utils.clip_grad_norm_
 
-    def _perturb_slot(self, s: GroupSlice, sumsq: torch.Tensor) -> list[torch.Tensor]:
-        """Perturb one slot; returns its backups. The op validates every list before writing anything, so when it
-        refuses reused backups (a parameter changed shape in place) it can run again with new ones."""
+    def _perturb_slot(self, s: GroupSlice, sumsq: torch.Tensor, backups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Perturb one slot with its cached backups; returns the backups used. The op validates every list before
+        writing anything, so when it refuses reused backups (a parameter changed shape in place) it can run again
+        with new ones."""
         g = s.group
         args = (sumsq, g["rho"], EPS, g["adaptive"], g["eta"], g["normalize"])
-        backups = self._backups_for(s)
         try:
             ops.perturb_(s.params, s.grads, backups, *args, backend=self.backend)
         except ValueError:

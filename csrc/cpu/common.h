@@ -9,20 +9,20 @@
 //     vectors, so the elementwise math runs in fp32 whatever the storage dtype (docs/DESIGN.md section 5).
 //   * blocked_sum: sums of squares in fp32 blocks added in fp64, redone in fp64 where fp32 overflows, so any
 //     finite gradient has a finite norm (an fp32 square overflows once |g| > ~1.8e19).
-//   * Input checks and dense-layout helpers (defined in checks.cpp).
+// List validation and layout staging are shared with the CUDA backend: csrc/shared/host.h.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <deque>
-#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -32,6 +32,7 @@
 #endif
 
 #include "sam_math_cpu.h"
+#include "shared/host.h"
 
 namespace sam_fused::cpu {
 
@@ -229,7 +230,15 @@ inline void add_terms(Sums& sums, const Vec& x0, const Vec& x1, const T* w, cons
   }
   Vec w0, w1;
   load_pack(w, w0, w1);
-  sums.add_scaled(x0, x1, w0.abs() + eta, w1.abs() + eta);
+  sums.add_scaled(x0, x1, adaptive_factor(w0.abs(), eta), adaptive_factor(w1.abs(), eta));
+}
+
+// One scalar term of a squared norm (vector-loop tails), in fp64: x^2, or (t * x)^2 with t = |w| + eta in fp32.
+template <class T>
+inline double scalar_term(float x, const T* w, float eta) {
+  if (w == nullptr) return square(static_cast<double>(x));
+  const float t = adaptive_factor(std::fabs(to_f32(*w)), eta);
+  return square_scaled(static_cast<double>(x), static_cast<double>(t));
 }
 
 // fp64 sum of (t * x)^2 over the packs of [lo, hi) of x, t = |w| + eta (t = 1 when w is null): blocked_sum's redo.
@@ -330,57 +339,16 @@ class Partials {
   Partials(int64_t chunks, int64_t k) : k_(k), v_(static_cast<size_t>(chunks * k), 0.0) {}
   void add(int64_t chunk, int64_t slice, double x) { v_[static_cast<size_t>(chunk * k_ + slice)] += x; }
   // fp64 tensor [k] on the CPU with the sums.
-  at::Tensor combine() const;
+  at::Tensor combine() const {
+    at::Tensor out = at::zeros({k_}, at::TensorOptions().dtype(at::kDouble));
+    double* total = out.data_ptr<double>();
+    for (size_t i = 0; i < v_.size(); ++i) total[i % static_cast<size_t>(k_)] += v_[i];
+    return out;
+  }
 
  private:
   int64_t k_;
   std::vector<double> v_;
 };
-
-// ---------------------------------------------------------------------------------------------------------------
-// Input checks (checks.cpp). `op` is the op name, `list` the argument name, used in every message.
-
-void check_same_length(const char* op, at::TensorList a, const char* a_name, at::TensorList b, const char* b_name);
-// Strided CPU tensor of a supported dtype (fp32/bf16/fp16) equal to `dtype`.
-void check_tensor(const char* op, const at::Tensor& t, const char* list, size_t i, at::ScalarType dtype);
-void check_shape(const char* op, const at::Tensor& t, const char* list, size_t i, at::IntArrayRef expected);
-// A mutated tensor must not have internally overlapping memory (e.g. an expanded view).
-void check_no_overlap(const char* op, const at::Tensor& t, const char* list, size_t i);
-void check_supported_dtype(const char* op, at::ScalarType dtype, const char* list);
-// The data-dependent scalars of a CPU `sumsq` tensor (any floating dtype) as fp64, read on the host inside the op:
-// all `k` of them when exact_numel (sumsq must have k elements), else only the first one.
-std::vector<double> read_sumsq(const char* op, const at::Tensor& sumsq, int64_t k, bool exact_numel);
-// [k, *shape]
-std::vector<int64_t> with_leading(int64_t k, at::IntArrayRef shape);
-
-// ---------------------------------------------------------------------------------------------------------------
-// Dense layouts. Kernels index every tensor of one list position with the same flat offset, which is correct when
-// all of them are non-overlapping and dense with identical strides (contiguous is the usual case; channels_last
-// parameters with channels_last gradients also qualify). Anything else goes through temporaries in the layout of
-// a reference tensor, and mutated temporaries are copied back after the kernel.
-
-class LayoutScope {
- public:
-  // The tensor kernels read for an input `t` that must match `like`'s layout: t itself or a copy.
-  const at::Tensor& input(const at::Tensor& t, const at::Tensor& like);
-  // The tensor kernels write for a mutated `t`: t itself when its layout matches `like`, else a temporary in that
-  // layout (holding t's values if `read` is set) that finish() copies back into t.
-  const at::Tensor& output(const at::Tensor& t, const at::Tensor& like, bool read);
-  // A layout reference for one list position: `t` itself when it is non-overlapping and dense, else a contiguous
-  // copy of it (copied back into t by finish() when `mutated`).
-  const at::Tensor& reference(const at::Tensor& t, bool mutated);
-  // `t` itself when contiguous, else a contiguous copy (or, when `mutated`, a contiguous temporary copied back).
-  const at::Tensor& contiguous(const at::Tensor& t, bool mutated, bool read = true);
-  // Copies mutated temporaries back into the caller's tensors.
-  void finish();
-
- private:
-  const at::Tensor& keep(at::Tensor t);
-  // Temporaries must outlive the kernel (segments hold raw pointers into them); a deque keeps references stable.
-  std::deque<at::Tensor> kept_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;  // (caller's tensor, temporary)
-};
-
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace sam_fused::cpu

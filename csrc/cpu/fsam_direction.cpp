@@ -67,12 +67,7 @@ double fsam_piece(const FsamSeg<T>& s, int64_t lo, int64_t hi, const FsamScalars
       s.m[i] = from_f32<T>(fsam_ema(g, m, c.lmbda, c.one_minus_lmbda));
       d = to_f32(s.g[i]);
     }
-    if constexpr (kAdaptive) {
-      const float t = std::fabs(to_f32(s.w[i])) + c.eta;
-      sum += square_scaled(static_cast<double>(d), static_cast<double>(t));
-    } else {
-      sum += square(static_cast<double>(d));
-    }
+    sum += scalar_term(d, kAdaptive ? s.w + i : nullptr, c.eta);
   }
   return sum;
 }
@@ -83,59 +78,36 @@ double fsam_piece_dispatch(const FsamSeg<T>& s, int64_t lo, int64_t hi, const Fs
 }
 
 template <class T>
-at::Tensor run(at::TensorList grads, at::TensorList ema, const std::optional<at::TensorList>& params, bool first,
-               const FsamScalars& c) {
-  LayoutScope scope;
+at::Tensor run(const host::Lists& lists, bool first, const FsamScalars& c) {
   ChunkPlan<FsamSeg<T>> plan;
-  plan.reserve(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = scope.reference(grads[i], /*mutated=*/!first);  // the first step leaves grads as they are
-    const at::Tensor& m = scope.output(ema[i], g, /*read=*/!first);
-    const T* w = params ? scope.input((*params)[i], g).const_data_ptr<T>() : nullptr;
-    plan.add({g.data_ptr<T>(), m.data_ptr<T>(), w, g.numel()});
+  plan.reserve(lists.size());
+  for (size_t i = 0; i < lists.size(); ++i) {
+    plan.add({lists.data<T>(0, i), lists.data<T>(1, i), lists.data<const T>(2, i), lists.numel(i)});
   }
   Partials partials(plan.num_chunks(), 1);
   plan.run([&](int64_t chunk, const FsamSeg<T>& s, int64_t lo, int64_t hi) {
     partials.add(chunk, 0, first ? fsam_piece_dispatch<T, true>(s, lo, hi, c) : fsam_piece_dispatch<T, false>(s, lo, hi, c));
   });
-  scope.finish();
   return partials.combine();
-}
-
-at::ScalarType check_inputs(at::TensorList grads, at::TensorList ema, const std::optional<at::TensorList>& params) {
-  check_same_length(kOp, grads, "grads", ema, "ema");
-  if (params) check_same_length(kOp, grads, "grads", *params, "params");
-  if (grads.empty()) return at::kFloat;
-  const auto dtype = grads[0].scalar_type();
-  check_supported_dtype(kOp, dtype, "grads[0]");
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_tensor(kOp, grads[i], "grads", i, dtype);
-    check_no_overlap(kOp, grads[i], "grads", i);
-    check_tensor(kOp, ema[i], "ema", i, dtype);
-    check_shape(kOp, ema[i], "ema", i, grads[i].sizes());
-    check_no_overlap(kOp, ema[i], "ema", i);
-    if (params) {
-      check_tensor(kOp, (*params)[i], "params", i, dtype);
-      check_shape(kOp, (*params)[i], "params", i, grads[i].sizes());
-    }
-  }
-  return dtype;
 }
 
 }  // namespace
 
 at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigma, double lmbda, bool first,
                            std::optional<at::TensorList> params, double eta) {
-  const auto dtype = check_inputs(grads, ema, params);
-  if (grads.empty()) return at::zeros({1}, at::TensorOptions().dtype(at::kDouble));
+  // The first step leaves the gradients as they are and only writes the EMA.
+  host::Lists lists = host::prepare(
+      host::kCpu, kOp,
+      {{"grads", grads, first ? host::Access::kRead : host::Access::kWrite},
+       {"ema", ema, first ? host::Access::kOverwrite : host::Access::kWrite},
+       {"params", params.value_or(at::TensorList()), host::Access::kRead, host::Shape::kBase, params.has_value()}});
+  if (lists.empty()) return at::zeros({1}, at::TensorOptions().dtype(at::kDouble));
   // 1 - lmbda in double, then rounded once: the reference computes it as a Python float.
   const FsamScalars c{static_cast<float>(sigma), static_cast<float>(lmbda), static_cast<float>(1.0 - lmbda),
                       static_cast<float>(eta)};
   at::Tensor out;
-  dispatch_storage(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    out = run<T>(grads, ema, params, first, c);
-  });
+  dispatch_storage(lists.dtype(), [&](auto tag) { out = run<decltype(tag)>(lists, first, c); });
+  lists.finish();
   return out;
 }
 

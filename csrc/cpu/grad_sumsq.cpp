@@ -41,55 +41,20 @@ double piece_sumsq(const SumSeg<T>& s, int64_t lo, int64_t hi, float eta) {
   double sum = blocked_sum<T>(lo, vec_hi, step, [&](int64_t b, int64_t e) {
     return wide_sumsq<T>(s.g, kAdaptive ? s.w : nullptr, b, e, eta);
   });
-  for (int64_t i = vec_hi; i < hi; ++i) {  // tails: fp64 terms
-    const double g = to_f32(s.g[i]);
-    if constexpr (kAdaptive) {
-      const float t = std::fabs(to_f32(s.w[i])) + eta;
-      sum += square_scaled(g, static_cast<double>(t));
-    } else {
-      sum += square(g);
-    }
-  }
+  for (int64_t i = vec_hi; i < hi; ++i) sum += scalar_term(to_f32(s.g[i]), kAdaptive ? s.w + i : nullptr, eta);
   return sum;
 }
 
-// grads[i] must be p.shape (k = 1) or [k, *p.shape] (k > 1), as in the reference; without params only the leading
-// dim k is checked.
-void check_grad_shape(const at::Tensor& g, const at::Tensor* p, size_t i, int64_t k) {
-  if (p != nullptr) {
-    check_shape(kOp, g, "grads", i, k > 1 ? at::IntArrayRef(with_leading(k, p->sizes())) : p->sizes());
-  } else if (k > 1) {
-    TORCH_CHECK_VALUE(g.dim() >= 1 && g.size(0) == k, "sam_fused.", kOp, ": grads[", i, "] has shape ", g.sizes(),
-                      "; expected leading dim ", k, " (micro_batches)");
-  }
-}
-
-// Adds the segments of position i to the plan; temporaries for odd layouts live in `scope`.
 template <class T>
-void plan_position(ChunkPlan<SumSeg<T>>& plan, LayoutScope& scope, const at::Tensor& g, const at::Tensor* p,
-                   int64_t k) {
-  if (k == 1) {
-    // One slice: any common dense layout works, the sum does not care about the element order.
-    const at::Tensor& gl = scope.reference(g, /*mutated=*/false);
-    const at::Tensor* pl = p == nullptr ? nullptr : &scope.input(*p, gl);
-    plan.add({gl.const_data_ptr<T>(), pl == nullptr ? nullptr : pl->const_data_ptr<T>(), gl.numel(), 0});
-    return;
-  }
-  // Slices: slice j is the j-th contiguous block of g; the weights (if any) line up with every slice.
-  const at::Tensor& gc = scope.contiguous(g, /*mutated=*/false);
-  const T* w = p == nullptr ? nullptr : scope.contiguous(*p, /*mutated=*/false).const_data_ptr<T>();
-  const int64_t n = gc.numel() / k;
-  for (int64_t j = 0; j < k; ++j) plan.add({gc.const_data_ptr<T>() + j * n, w, n, j});
-}
-
-template <class T>
-at::Tensor run(at::TensorList grads, const std::optional<at::TensorList>& params, float eta, int64_t k) {
-  LayoutScope scope;
+at::Tensor run(const host::Lists& lists, float eta, int64_t k) {
   ChunkPlan<SumSeg<T>> plan;
-  plan.reserve(grads.size() * static_cast<size_t>(k));
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor* p = params ? &(*params)[i] : nullptr;
-    plan_position<T>(plan, scope, grads[i], p, k);
+  plan.reserve(lists.size() * static_cast<size_t>(k));
+  for (size_t i = 0; i < lists.size(); ++i) {
+    // Slice j of grads[i] is its j-th contiguous block (k > 1 stages contiguous lists); the weights line up with
+    // every slice. With k = 1 any common dense layout works: a sum does not care about the element order.
+    const T* g = lists.data<const T>(0, i);
+    const int64_t n = lists.numel(i);
+    for (int64_t j = 0; j < k; ++j) plan.add({g + j * n, lists.data<const T>(1, i), n, j});
   }
   Partials partials(plan.num_chunks(), k);
   plan.run([&](int64_t chunk, const SumSeg<T>& s, int64_t lo, int64_t hi) {
@@ -98,29 +63,21 @@ at::Tensor run(at::TensorList grads, const std::optional<at::TensorList>& params
   return partials.combine();
 }
 
-void check_inputs(at::TensorList grads, const std::optional<at::TensorList>& params, int64_t k) {
-  TORCH_CHECK_VALUE(k >= 1, "sam_fused.", kOp, ": micro_batches must be >= 1, got ", k);
-  if (params) check_same_length(kOp, *params, "params", grads, "grads");
-  if (grads.empty()) return;
-  const auto dtype = grads[0].scalar_type();
-  check_supported_dtype(kOp, dtype, "grads[0]");
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_tensor(kOp, grads[i], "grads", i, dtype);
-    const at::Tensor* p = params ? &(*params)[i] : nullptr;
-    if (p != nullptr) check_tensor(kOp, *p, "params", i, dtype);
-    check_grad_shape(grads[i], p, i, k);
-  }
-}
-
 }  // namespace
 
 at::Tensor grad_sumsq(at::TensorList grads, std::optional<at::TensorList> params, double eta, int64_t micro_batches) {
-  check_inputs(grads, params, micro_batches);
-  if (grads.empty()) return at::zeros({micro_batches}, at::TensorOptions().dtype(at::kDouble));
+  const int64_t k = micro_batches;
+  TORCH_CHECK_VALUE(k >= 1, "sam_fused.", kOp, ": micro_batches must be >= 1, got ", k);
+  const host::Lists lists = host::prepare(
+      host::kCpu, kOp,
+      {{"grads", grads, host::Access::kRead, host::Shape::kSlices},
+       {"params", params.value_or(at::TensorList()), host::Access::kRead, host::Shape::kBase, params.has_value()}},
+      k, k > 1 ? host::Layout::kContiguous : host::Layout::kDense);
+  if (lists.empty()) return at::zeros({k}, at::TensorOptions().dtype(at::kDouble));
   at::Tensor out;
-  dispatch_storage(grads[0].scalar_type(), [&](auto tag) {
+  dispatch_storage(lists.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    out = run<T>(grads, params, static_cast<float>(eta), micro_batches);
+    out = run<T>(lists, static_cast<float>(eta), k);
   });
   return out;
 }

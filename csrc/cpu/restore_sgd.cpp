@@ -63,51 +63,32 @@ void sgd_piece(const SgdSeg& s, int64_t lo, int64_t hi, const SgdHyper& h) {
   }
 }
 
-void check_inputs(at::TensorList params, at::TensorList backups, at::TensorList grads, at::TensorList bufs,
-                  bool has_momentum) {
-  check_same_length(kOp, params, "params", backups, "backups");
-  check_same_length(kOp, params, "params", grads, "grads");
-  if (has_momentum) check_same_length(kOp, params, "params", bufs, "momentum_buffers");
-  TORCH_CHECK_TYPE(params.empty() || params[0].scalar_type() == at::kFloat, "sam_fused.", kOp,
-                   ": the CPU kernel takes float32 tensors only, got ", params[0].scalar_type(),
-                   " (sam_fused.ops.restore_sgd_ sends other dtypes to the reference)");
-  for (size_t i = 0; i < params.size(); ++i) {
-    check_tensor(kOp, params[i], "params", i, at::kFloat);
-    check_no_overlap(kOp, params[i], "params", i);
-    check_tensor(kOp, backups[i], "backups", i, at::kFloat);
-    check_shape(kOp, backups[i], "backups", i, params[i].sizes());
-    check_tensor(kOp, grads[i], "grads", i, at::kFloat);
-    check_shape(kOp, grads[i], "grads", i, params[i].sizes());
-    if (has_momentum) {
-      check_tensor(kOp, bufs[i], "momentum_buffers", i, at::kFloat);
-      check_shape(kOp, bufs[i], "momentum_buffers", i, params[i].sizes());
-      check_no_overlap(kOp, bufs[i], "momentum_buffers", i);
-    }
-  }
-}
-
 }  // namespace
 
 void restore_sgd_(at::TensorList params, at::TensorList backups, at::TensorList grads,
                   at::TensorList momentum_buffers, double lr, double weight_decay, double momentum, double dampening,
                   bool nesterov) {
   const bool has_momentum = momentum != 0.0;
-  check_inputs(params, backups, grads, momentum_buffers, has_momentum);
+  TORCH_CHECK_TYPE(params.empty() || params[0].scalar_type() == at::kFloat, "sam_fused.", kOp,
+                   ": the CPU kernel takes float32 tensors only, got ", params[0].scalar_type(),
+                   " (sam_fused.ops.restore_sgd_ sends other dtypes to the reference)");
+  host::Lists lists = host::prepare(host::kCpu, kOp,
+                                          {{"params", params, host::Access::kWrite},
+                                           {"backups", backups},
+                                           {"grads", grads},
+                                           {"momentum_buffers", momentum_buffers, host::Access::kWrite,
+                                            host::Shape::kBase, has_momentum}});
   // torch passes the Python floats to its fp32 kernels as fp32 scalars; 1 - dampening is computed in double first.
   const SgdHyper h{static_cast<float>(lr), static_cast<float>(weight_decay), static_cast<float>(momentum),
                    static_cast<float>(1.0 - dampening), nesterov};
-  LayoutScope scope;
   ChunkPlan<SgdSeg> plan;
-  plan.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& w = scope.reference(params[i], /*mutated=*/true);
-    const at::Tensor& b = scope.input(backups[i], w);
-    const at::Tensor& g = scope.input(grads[i], w);
-    float* buf = has_momentum ? scope.output(momentum_buffers[i], w, /*read=*/true).data_ptr<float>() : nullptr;
-    plan.add({w.data_ptr<float>(), b.const_data_ptr<float>(), g.const_data_ptr<float>(), buf, w.numel()});
+  plan.reserve(lists.size());
+  for (size_t i = 0; i < lists.size(); ++i) {
+    plan.add({lists.data<float>(0, i), lists.data<const float>(1, i), lists.data<const float>(2, i),
+              lists.data<float>(3, i), lists.numel(i)});
   }
   plan.run([&](int64_t, const SgdSeg& s, int64_t lo, int64_t hi) { sgd_piece(s, lo, hi, h); });
-  scope.finish();
+  lists.finish();
 }
 
 }  // namespace sam_fused::cpu

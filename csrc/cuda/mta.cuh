@@ -230,8 +230,8 @@ __host__ __device__ __forceinline__ Rd operator*(Rd a, Rd b) {
 #endif
 }
 
-// t = |w| + eta, the ASAM factor (the reference's abs(w) + eta, in fp32).
-__device__ __forceinline__ Rn adaptive_factor(float w, Rn eta) { return Rn{fabsf(w)} + eta; }
+// t = |w| + eta, the ASAM factor (sam_math.h), on the rounding-exact Rn type.
+__device__ __forceinline__ Rn adaptive_factor(float w, Rn eta) { return sam_fused::adaptive_factor(Rn{fabsf(w)}, eta); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Loops and reductions.

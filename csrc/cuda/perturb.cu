@@ -25,6 +25,28 @@ __device__ __forceinline__ float perturb_one(float w, float g, Rn scale, bool ad
   return perturbed(Rn{w}, Rn{g}, scale).v;
 }
 
+// The raw packets of w and g at element i: both perturb kernels read them (g even when a step is disabled, a rare
+// case: the loads need no branch).
+template <class B, int W>
+__device__ __forceinline__ Packs<B, W, 2> load_w_g(const B* w, const B* g, int64_t i) {
+  Packs<B, W, 2> r;
+  r.v[0] = load_raw<B, W>(w + i);
+  r.v[1] = load_raw<B, W>(g + i);
+  return r;
+}
+
+// The perturbed packet of w from the loaded (w, g) packets.
+template <class S, int W>
+__device__ __forceinline__ Raw<typename S::Bits, W> perturbed_packet(const Packs<typename S::Bits, W, 2>& r, Rn scale,
+                                                                      bool adaptive, Rn eta) {
+  float wf[W], gf[W];
+  to_float<S, W>(r.v[0], wf);
+  to_float<S, W>(r.v[1], gf);
+#pragma unroll
+  for (int e = 0; e < W; ++e) wf[e] = perturb_one(wf[e], gf[e], scale, adaptive, eta);
+  return from_float<S, W>(wf);
+}
+
 // Lists: 0 params (read, written), 1 grads, 2 backups (written).
 template <class S>
 __global__ void __launch_bounds__(kThreads)
@@ -41,13 +63,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool vectorized = aligned16(w) && aligned16(g) && aligned16(backup);
   for_each_packet<S::kWidth>(
       c.len, vectorized,
-      [&](auto width, int64_t i) {  // g is read even when disabled (a rare step): the loads need no branch
-        constexpr int W = decltype(width)::value;
-        Packs<B, W, 2> r;
-        r.v[0] = load_raw<B, W>(w + i);
-        r.v[1] = load_raw<B, W>(g + i);
-        return r;
-      },
+      [&](auto width, int64_t i) { return load_w_g<B, decltype(width)::value>(w, g, i); },
       [&](auto width, int64_t i, const auto& r) {
         constexpr int W = decltype(width)::value;
         store_raw<B, W>(backup + i, r.v[0]);
@@ -80,25 +96,11 @@ __global__ void __launch_bounds__(kThreads)
     const bool vectorized = aligned16(w) && aligned16(g) && aligned16(out);
     for_each_packet<S::kWidth>(
         c.len, vectorized,
-        [&](auto width, int64_t i) {
-          constexpr int W = decltype(width)::value;
-          Packs<B, W, 2> r;
-          r.v[0] = load_raw<B, W>(w + i);
-          r.v[1] = load_raw<B, W>(g + i);
-          return r;
-        },
+        [&](auto width, int64_t i) { return load_w_g<B, decltype(width)::value>(w, g, i); },
         [&](auto width, int64_t i, const auto& r) {
           constexpr int W = decltype(width)::value;
-          if (!enabled) {  // this slice's gradients are not finite: its copy is the unperturbed weight
-            store_raw<B, W>(out + i, r.v[0]);
-            return;
-          }
-          float wf[W], gf[W];
-          to_float<S, W>(r.v[0], wf);
-          to_float<S, W>(r.v[1], gf);
-#pragma unroll
-          for (int e = 0; e < W; ++e) wf[e] = perturb_one(wf[e], gf[e], scale, s.adaptive, eta);
-          store_raw<B, W>(out + i, from_float<S, W>(wf));
+          // This slice's gradients not finite: its copy is the unperturbed weight.
+          store_raw<B, W>(out + i, enabled ? perturbed_packet<S, W>(r, scale, s.adaptive, eta) : r.v[0]);
         });
   }
 }

@@ -33,13 +33,19 @@ SAM_HD double perturb_scale(double sumsq, double rho, double eps, bool normalize
 
 SAM_HD bool perturb_enabled(double sumsq) { return isfinite(sumsq); }
 
+// ASAM's factor T = |w| + eta, in the weights' math dtype (fp32); the caller takes |w| (its spelling differs).
+template <class V>
+SAM_HD V adaptive_factor(V abs_w, V eta) {
+  return abs_w + eta;
+}
+
 // SAM: w' = w + scale * g
 template <class V>
 SAM_HD V perturbed(V w, V g, V scale) {
   return w + scale * g;
 }
 
-// ASAM: t = |w| + eta (caller computes it), w' = w + scale * ((t * t) * g)
+// ASAM: t = adaptive_factor(|w|, eta), w' = w + scale * ((t * t) * g)
 template <class V>
 SAM_HD V perturbed_adaptive(V w, V t, V g, V scale) {
   return w + scale * ((t * t) * g);
@@ -63,8 +69,8 @@ SAM_HD V fsam_ema(V g, V m_prev, V lmbda, V one_minus_lmbda) {
   return m_prev * lmbda + g * one_minus_lmbda;
 }
 
-// Term of the ASAM squared norm ||T * g||^2: (g * t)^2, called with V = double (or a vector of doubles): t = |w| + eta
-// is computed by the caller in the weights' math dtype (as the perturbation uses it), then g * t and its square in fp64.
+// Term of the ASAM squared norm ||T * g||^2: (g * t)^2, called with V = double (or a vector of doubles): t =
+// adaptive_factor(|w|, eta) in the weights' math dtype (as the perturbation uses it), then g * t and its square in fp64.
 template <class V>
 SAM_HD V square_scaled(V g, V t) {
   return square(g * t);
