@@ -6,10 +6,8 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
+#include "cuda/device.h"  // c10::cuda: guard, stream, error check (csrc/testing/emu brings its own)
 #include "cuda/launch.h"
 #include "shared/host.h"
 
@@ -46,10 +44,6 @@ PtrTable<D> table_of(const host::Lists& lists) {
   return table;
 }
 
-cudaStream_t current_stream(const host::Lists& lists) {
-  return c10::cuda::getCurrentCUDAStream(lists.device().index()).stream();
-}
-
 // Both stages of a reduction into k sums: stage1(partials) enqueues the op's kernels, which leave per-block partial
 // sums in a [k, total_blocks] fp64 buffer; finish_sums adds each row in a fixed order. No blocks (every tensor
 // empty): zeros.
@@ -57,11 +51,11 @@ template <class Stage1>
 at::Tensor two_stage_sum(const mta::Plan& plan, int64_t k, at::Device device, cudaStream_t stream, Stage1&& stage1) {
   const auto options = sumsq_options().device(device);
   if (plan.total_blocks == 0) return at::zeros({k}, options);
-  at::Tensor partials = at::empty({k * plan.total_blocks}, options);
-  C10_CUDA_CHECK(stage1(partials.data_ptr<double>()));
+  at::Tensor partials = scratch(k * plan.total_blocks, options);
+  check_launch(stage1(partials.data_ptr<double>()));
   at::Tensor out = at::empty({k}, options);
-  C10_CUDA_CHECK(launch_finish_sums(partials.const_data_ptr<double>(), plan.total_blocks, k, out.data_ptr<double>(),
-                                    stream));
+  check_launch(launch_finish_sums(partials.const_data_ptr<double>(), plan.total_blocks, k, out.data_ptr<double>(),
+                                  stream));
   return out;
 }
 
@@ -72,15 +66,15 @@ at::Tensor grad_sumsq(at::TensorList grads, std::optional<at::TensorList> params
   const int64_t k = micro_batches;
   TORCH_CHECK_VALUE(k >= 1, "sam_fused.", op, ": micro_batches must be >= 1, got ", k);
   const host::Lists lists = host::prepare(
-      host::kCuda, op,
+      kTarget, op,
       {{"grads", grads, Access::kRead, Shape::kSlices},
        {"params", params.value_or(at::TensorList()), Access::kRead, Shape::kBase, params.has_value()}},
       k, k > 1 ? host::Layout::kContiguous : host::Layout::kDense);
   if (lists.empty()) return at::zeros({k}, sumsq_options());  // as the reference: on the CPU
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const auto table = table_of<2>(lists);
   const mta::Plan plan = plan_for_depth(table.numel, 2);
-  const cudaStream_t stream = current_stream(lists);
+  const cudaStream_t stream = current_stream(lists.device());
   return two_stage_sum(plan, k, lists.device(), stream, [&](double* partials) {
     return launch_grad_sumsq(kernel_dtype(lists), plan, table, k, static_cast<float>(eta), partials, stream);
   });
@@ -90,17 +84,17 @@ void perturb_(at::TensorList params, at::TensorList grads, at::TensorList backup
               double eps, bool adaptive, double eta, bool normalize) {
   constexpr const char* op = "perturb_";
   host::Lists lists = host::prepare(
-      host::kCuda, op,
+      kTarget, op,
       {{"params", params, Access::kWrite}, {"grads", grads}, {"backups", backups, Access::kOverwrite}});
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const at::Tensor s = host::sumsq_arg(op, sumsq, 1, /*exact=*/false, lists.device());
   const auto table = table_of<3>(lists);
   const mta::Plan plan = plan_for_depth(table.numel, 3);
   if (plan.total_blocks > 0) {
     const PerturbScalars scalars{rho, eps, static_cast<float>(eta), adaptive, normalize};
-    C10_CUDA_CHECK(launch_perturb(kernel_dtype(lists), plan, table, s.const_data_ptr<double>(), scalars,
-                                  current_stream(lists)));
+    check_launch(launch_perturb(kernel_dtype(lists), plan, table, s.const_data_ptr<double>(), scalars,
+                                current_stream(lists.device())));
   }
   lists.finish();
 }
@@ -110,19 +104,19 @@ std::vector<at::Tensor> perturb_batched(at::TensorList params, at::TensorList gr
   constexpr const char* op = "perturb_batched";
   const int64_t k = sumsq.defined() ? sumsq.numel() : 0;  // one sum per micro-batch, as in the reference
   TORCH_CHECK_VALUE(params.empty() || k >= 1, "sam_fused.", op, ": sumsq must hold one sum per micro-batch (k >= 1)");
-  host::Lists lists = host::prepare(host::kCuda, op,
+  host::Lists lists = host::prepare(kTarget, op,
                                     {{"params", params}, {"grads", grads, Access::kRead, Shape::kLeading}}, k,
                                     host::Layout::kContiguous);
   if (lists.empty()) return {};
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const at::Tensor s = host::sumsq_arg(op, sumsq, k, /*exact=*/true, lists.device());
   std::vector<at::Tensor> outs = lists.outputs_like(grads);  // list 2
   const auto table = table_of<3>(lists);
   const mta::Plan plan = plan_for_depth(table.numel, 3);
   if (plan.total_blocks > 0) {
     const PerturbScalars scalars{rho, eps, static_cast<float>(eta), adaptive, normalize};
-    C10_CUDA_CHECK(launch_perturb_batched(kernel_dtype(lists), plan, table, k, s.const_data_ptr<double>(), scalars,
-                                          current_stream(lists)));
+    check_launch(launch_perturb_batched(kernel_dtype(lists), plan, table, k, s.const_data_ptr<double>(), scalars,
+                                        current_stream(lists.device())));
   }
   lists.finish();
   return outs;
@@ -130,13 +124,13 @@ std::vector<at::Tensor> perturb_batched(at::TensorList params, at::TensorList gr
 
 void restore_(at::TensorList params, at::TensorList backups) {
   host::Lists lists =
-      host::prepare(host::kCuda, "restore_", {{"params", params, Access::kOverwrite}, {"backups", backups}});
+      host::prepare(kTarget, "restore_", {{"params", params, Access::kOverwrite}, {"backups", backups}});
   if (lists.empty()) return;
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const auto table = table_of<2>(lists);
   const mta::Plan plan = plan_for_depth(table.numel, 2);
   if (plan.total_blocks > 0) {
-    C10_CUDA_CHECK(launch_restore(at::elementSize(lists.dtype()), plan, table, current_stream(lists)));
+    check_launch(launch_restore(at::elementSize(lists.dtype()), plan, table, current_stream(lists.device())));
   }
   lists.finish();
 }
@@ -146,18 +140,18 @@ at::Tensor fsam_direction_(at::TensorList grads, at::TensorList ema, double sigm
   constexpr const char* op = "fsam_direction_";
   // The first step leaves the gradients as they are and only writes the EMA.
   host::Lists lists = host::prepare(
-      host::kCuda, op,
+      kTarget, op,
       {{"grads", grads, first ? Access::kRead : Access::kWrite},
        {"ema", ema, first ? Access::kOverwrite : Access::kWrite},
        {"params", params.value_or(at::TensorList()), Access::kRead, Shape::kBase, params.has_value()}});
   if (lists.empty()) return at::zeros({1}, sumsq_options());  // as the reference: on the CPU
-  const c10::cuda::CUDAGuard guard(lists.device());
+  const DeviceGuard guard(lists.device());
   const auto table = table_of<3>(lists);
   const mta::Plan plan = plan_for_depth(table.numel, 3);
   // The reference computes 1 - lmbda in double (Python) and rounds it to fp32 when it multiplies.
   const FsamScalars scalars{static_cast<float>(sigma), static_cast<float>(lmbda), static_cast<float>(1.0 - lmbda),
                             static_cast<float>(eta), first};
-  const cudaStream_t stream = current_stream(lists);
+  const cudaStream_t stream = current_stream(lists.device());
   at::Tensor out = two_stage_sum(plan, 1, lists.device(), stream, [&](double* partials) {
     return launch_fsam(kernel_dtype(lists), plan, table, scalars, partials, stream);
   });
