@@ -38,12 +38,10 @@ constexpr const char* kIsa = "DEFAULT";
 
 TORCH_LIBRARY_IMPL(sam_fused, CPU, m) {
   if (!cpu_supports_build_isa()) return;
-  m.impl("grad_sumsq", TORCH_FN(sam_fused::cpu::grad_sumsq));
-  m.impl("perturb_", TORCH_FN(sam_fused::cpu::perturb_));
-  m.impl("perturb_batched", TORCH_FN(sam_fused::cpu::perturb_batched));
-  m.impl("restore_", TORCH_FN(sam_fused::cpu::restore_));
-  m.impl("fsam_direction_", TORCH_FN(sam_fused::cpu::fsam_direction_));
-  m.impl("restore_sgd_", TORCH_FN(sam_fused::cpu::restore_sgd_));
+#define SAM_FUSED_IMPL(op) m.impl(#op, TORCH_FN(sam_fused::cpu::op));
+  SAM_FUSED_FOR_EACH_OP(SAM_FUSED_IMPL)
+  SAM_FUSED_IMPL(restore_sgd_)  // fused optimizer step (STEP_SCHEMAS), CPU only
+#undef SAM_FUSED_IMPL
 }
 
 // A plain module with no functions: the ops are reached through torch.ops.sam_fused.*. Its `cpu_capability`

@@ -13,11 +13,9 @@
 #include "cuda/ops.h"
 
 TORCH_LIBRARY_IMPL(sam_fused, CUDA, m) {
-  m.impl("grad_sumsq", TORCH_FN(sam_fused::cuda::grad_sumsq));
-  m.impl("perturb_", TORCH_FN(sam_fused::cuda::perturb_));
-  m.impl("perturb_batched", TORCH_FN(sam_fused::cuda::perturb_batched));
-  m.impl("restore_", TORCH_FN(sam_fused::cuda::restore_));
-  m.impl("fsam_direction_", TORCH_FN(sam_fused::cuda::fsam_direction_));
+#define SAM_FUSED_IMPL(op) m.impl(#op, TORCH_FN(sam_fused::cuda::op));
+  SAM_FUSED_FOR_EACH_OP(SAM_FUSED_IMPL)
+#undef SAM_FUSED_IMPL
 }
 
 // A plain module with no functions: the ops are reached through torch.ops.sam_fused.*.
