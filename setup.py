@@ -101,7 +101,6 @@ def cpu_extension(torch):
     from torch.utils.cpp_extension import CppExtension
 
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/shared/*.cpp"))  # shared: the host layer
-    sources += sorted(glob.glob("csrc/testing/*.cpp"))
     isa = pick_isa()
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
                  # the kernels must round exactly like the reference: no fused multiply-add contraction

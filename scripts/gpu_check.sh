@@ -25,8 +25,8 @@
 #                 torch are unchanged; then sam_fused must import from the copy with cuda and triton available
 #   static        cuobjdump: SASS of _C_cuda, 128-bit loads/stores, spills  yes           SKIP        10 s
 #   in parallel (one after the other in a dry run), keeping BENCH_KEEP_S for the bench:                3-4 min
-#     tests_cuda    pytest tests/test_cuda_gpu.py (pytest-xdist)            yes           SKIP
-#     tests_triton  pytest tests/test_triton_gpu.py (pytest-xdist)          yes           SKIP
+#     tests_cuda    pytest tests/test_cuda_gpu.py, test_parity.py -k cuda_gpu yes         SKIP
+#     tests_triton  pytest tests/test_triton_gpu.py, test_parity.py -k triton_gpu yes     SKIP
 #     edge_parity   scripts/gpu/edge.py parity: vs the cpu backend,         yes           yes (cpu)
 #                   misaligned views, odd sizes, 3,012 tensors, determinism
 #     edge_large    scripts/gpu/edge.py large: > 2^31 elements (~20 GB)    yes           yes (cpu, 2^20)
@@ -237,9 +237,9 @@ xdist() {  # pytest-xdist arguments when it is installed
   if [[ "$PYTEST_WORKERS" -gt 1 ]] && "$PY" -c "import xdist" >/dev/null 2>&1; then echo "-n $PYTEST_WORKERS"; fi
 }
 # shellcheck disable=SC2046  # xdist's words are meant to split
-stage_tests_cuda() { pytest_run cuda tests/test_cuda_gpu.py $(xdist); }
+stage_tests_cuda() { pytest_run cuda tests/test_cuda_gpu.py tests/test_parity.py -k cuda_gpu $(xdist); }
 # shellcheck disable=SC2046
-stage_tests_triton() { pytest_run triton tests/test_triton_gpu.py $(xdist); }
+stage_tests_triton() { pytest_run triton tests/test_triton_gpu.py tests/test_parity.py -k triton_gpu $(xdist); }
 # shellcheck disable=SC2046
 stage_tests_cpu() {  # the op layer, optimizers and bench with a GPU visible (CPU tensors; `auto` must still pick cpu)
   pytest_run cpu tests/test_ops.py tests/test_optim.py tests/test_fused_sgd.py tests/test_bench.py -m "not slow" $(xdist)

@@ -77,22 +77,7 @@ def sam_step(model: torch.nn.Module, opt: sam_fused.SAM, x: torch.Tensor, y: tor
     opt.second_step(zero_grad=True)
 
 
-# ---- op-level comparisons shared by the Triton tests (interpreter on CPU, compiled on a GPU) ----------------------
-
-# grad_sumsq / perturb T-factor modes: name -> (adaptive, eta)
-T_MODES = {"T=1": (False, 0.0), "T=|w|": (True, 0.0), "T=|w|+0.01": (True, 0.01)}
-
-
-def random_tensor(shape: tuple, dtype: torch.dtype, gen: torch.Generator, lead: int | None = None,
-                  transposed: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """randn of [lead, *shape] (or shape), drawn on the CPU from `gen`; `transposed` gives a non-contiguous view."""
-    full = ((lead,) if lead else ()) + tuple(shape)
-    if transposed:
-        x = torch.randn(*full[:-2], full[-1], full[-2], generator=gen).transpose(-1, -2)
-    else:
-        x = torch.randn(full, generator=gen)
-    return x.to(device, dtype)
-
+# ---- op-level comparisons (tests/test_parity.py and the backends' own test files) --------------------------------
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
     """Integer image of float bits, monotonic in the value (+0 and -0 both map to 0): differences count ulps."""
@@ -113,11 +98,11 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str = "")
         assert ulps.numel() == 0 or ulps.max().item() <= 1, f"{what}: {ulps.max().item()} ulp from the reference"
 
 
-def assert_sumsq(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp64 sums accumulated in another (fixed) order than the reference's: within 1e-6 relative, which also covers the
-    CPU kernels' fp32 block sums (docs/DESIGN.md section 5)."""
+def assert_sumsq(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-6) -> None:
+    """fp64 sums accumulated in another (fixed) order than the reference's: by default within 1e-6 relative, which also
+    covers the CPU kernels' fp32 block sums (docs/DESIGN.md section 5)."""
     assert actual.dtype == torch.float64 and actual.shape == expected.shape and actual.device == expected.device
-    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-300, equal_nan=True)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-300, equal_nan=True)
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:

@@ -1,8 +1,8 @@
 // planner_ops.cpp — exposes the CUDA kernels' launch planner (csrc/cuda/mta_planner.h) as a torch op, so that its
-// guarantees are unit-tested on machines without a GPU (tests/test_cuda_planner.py). Built into the CPU extension
-// sam_fused._C_cpu, which every build has; it is test support, in its own namespace, not part of sam_fused's API.
+// guarantees are unit-tested on machines without a GPU (tests/test_cuda_planner.py). Test support only: built on the
+// fly by the tests (tests/native.py, a C++ compiler is all it needs), never part of an installed extension.
 //
-//   torch.ops.sam_fused_testing.plan_chunks(numels, chunk_size, max_tensors, max_blocks) -> int[]
+//   torch.ops.sam_fused_planner.plan_chunks(numels, chunk_size, max_tensors, max_blocks) -> int[]
 //
 // returns the plan as flattened rows (launch, block, tensor, chunk_start, chunk_len): one row per block, `block` the
 // block's index within its launch and `tensor` the index into `numels`.
@@ -51,8 +51,8 @@ std::vector<int64_t> kernel_limits(int64_t param_bytes) {
 
 }  // namespace
 
-// Test-only namespace: defining its schemas here keeps the sam_fused namespace's schemas in Python alone.
-TORCH_LIBRARY(sam_fused_testing, m) {
+// Test-only namespace (not sam_fused_testing: extensions built before this file left _C_cpu still register that one).
+TORCH_LIBRARY(sam_fused_planner, m) {
   // Registered as catch-all kernels: these ops take no tensors, so there is no dispatch key to select on.
   m.def("plan_chunks(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> int[]", TORCH_FN(plan_chunks));
   m.def("kernel_limits(int param_bytes=32764) -> int[]", TORCH_FN(kernel_limits));
