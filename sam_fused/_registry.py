@@ -99,17 +99,19 @@ _FAKES = {
 _libraries = []  # keep the Library objects alive: dropping one unregisters its ops
 
 
+def define_ops(namespace: str, steps: bool = False) -> torch.library.Library:
+    """Defines every op of SCHEMAS (and STEP_SCHEMAS if `steps`) with its fake in `namespace`; keep the returned
+    Library alive (dropping it unregisters the ops). Also used by the tests for the kernel emulation's namespace."""
+    lib = torch.library.Library(namespace, "DEF")
+    for name, schema in (SCHEMAS | (STEP_SCHEMAS if steps else {})).items():
+        lib.define(schema)
+        torch.library.register_fake(f"{namespace}::{name}", _FAKES[name], lib=lib)
+    return lib
+
+
 def _define_all() -> None:
     for ns in NAMESPACES:
-        lib = torch.library.Library(ns, "DEF")
-        for name, schema in SCHEMAS.items():
-            lib.define(schema)
-            torch.library.register_fake(f"{ns}::{name}", _FAKES[name], lib=lib)
-        if ns == "sam_fused":
-            for name, schema in STEP_SCHEMAS.items():
-                lib.define(schema)
-                torch.library.register_fake(f"{ns}::{name}", _FAKES[name], lib=lib)
-        _libraries.append(lib)
+        _libraries.append(define_ops(ns, steps=ns == "sam_fused"))
     reference_impl = torch.library.Library("sam_fused", "IMPL")
     for name in (*OPS, *STEP_SCHEMAS):
         reference_impl.impl(name, getattr(reference, name), "CompositeExplicitAutograd")

@@ -22,16 +22,19 @@ from pathlib import Path
 
 import torch
 
+from sam_fused import _registry
+
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
 LAUNCH = re.compile(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\(")  # kernel<T><<<grid, block, smem, stream>>>(
 
 
 def build(name: str, sources: list[Path], inputs: list[Path], include_paths: list[str],
-          prepare: Callable[[Path], None] | None = None, cflags: tuple[str, ...] = ()) -> None:
+          prepare: Callable[[Path], list[Path]] | None = None, cflags: tuple[str, ...] = ()) -> None:
     """Compiles `sources` into a library that registers its ops (torch.utils.cpp_extension.load) and loads it. The
     build folder is keyed by `inputs` (every file the build reads) and the torch version, so an edit rebuilds and an
-    unchanged tree reuses it. `prepare(folder)` may write generated sources there first."""
+    unchanged tree reuses it. `prepare(folder)` may write generated files there first; it returns the generated
+    sources to compile too."""
     from torch.utils.cpp_extension import load
 
     digest = hashlib.sha256(torch.__version__.encode())
@@ -41,7 +44,7 @@ def build(name: str, sources: list[Path], inputs: list[Path], include_paths: lis
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "sam_fused", name, tag)
     folder.mkdir(parents=True, exist_ok=True)
     if prepare is not None:
-        prepare(folder)
+        sources = sources + prepare(folder)
     load(f"sam_fused_{name}_{tag}", [str(s) for s in sources], extra_include_paths=[*include_paths, str(folder)],
          extra_cflags=["-O1", "-ffp-contract=off", *cflags], build_directory=str(folder), is_python_module=False)
 
@@ -90,19 +93,29 @@ def planner_ops() -> object:
 
 @functools.cache
 def emu_ops() -> object:
-    """torch.ops.sam_fused_emu: the kernels of csrc/cuda run by csrc/testing/emu/cuda_emu.h on CPU tensors."""
-    cuda = CSRC / "cuda"
+    """torch.ops.sam_fused_emu: the CUDA backend's ops, its host code (csrc/cuda/ops.cpp and csrc/shared/host.cpp,
+    validation and staging included) and its kernels (csrc/cuda/*.cu under csrc/testing/emu/cuda_emu.h), on CPU
+    tensors. The schemas and fakes are sam_fused's own (_registry.define_ops), so opcheck applies too."""
+    cuda, shared = CSRC / "cuda", CSRC / "shared"
     kernel_files = sorted(cuda.glob("*.cu"))
     emu_dir = CSRC / "testing" / "emu"
 
-    def rewrite_launches(folder: Path) -> None:  # the launches become emu::launch(kernel, emu::Grid{...}, args)
-        for cu in kernel_files:
+    def generate(folder: Path) -> list[Path]:
+        for cu in kernel_files:  # the launches become emu::launch(kernel, emu::Grid{...}, args)
             text, count = LAUNCH.subn(r"emu::launch(\1, emu::Grid{\2}, ", cu.read_text())
             assert count > 0 and "<<<" not in text, f"{cu.name}: unexpected launch syntax"
             (folder / f"{cu.stem}.inc").write_text(text)
+        host = (cuda / "ops.cpp").read_text()  # the shipped host ops, with emu_device.h for c10::cuda
+        assert host.count('#include "cuda/device.h"') == 1, "ops.cpp: expected one #include \"cuda/device.h\""
+        (folder / "ops.cpp").write_text(host.replace('#include "cuda/device.h"', '#include "emu_device.h"'))
+        return [folder / "ops.cpp"]
 
-    inputs = (kernel_files + sorted(cuda.glob("*.h")) + sorted(cuda.glob("*.cuh")) + [CSRC / "shared" / "sam_math.h"]
-              + sorted(emu_dir.iterdir()))
-    build("cuda_emu", [emu_dir / "emu_ops.cpp"], inputs, [str(CSRC), str(emu_dir), cuda_include()],
-          prepare=rewrite_launches, cflags=("-Wno-attributes",))
+    inputs = (kernel_files + [cuda / "ops.cpp"] + sorted(cuda.glob("*.h")) + sorted(cuda.glob("*.cuh"))
+              + sorted(shared.iterdir()) + sorted(emu_dir.iterdir()))
+    _emu_library.append(_registry.define_ops("sam_fused_emu"))  # before the kernels register for it
+    build("cuda_emu", [emu_dir / "emu_ops.cpp", shared / "host.cpp"], inputs,
+          [str(CSRC), str(emu_dir), cuda_include()], prepare=generate, cflags=("-Wno-attributes",))
     return torch.ops.sam_fused_emu
+
+
+_emu_library: list = []  # keeps the emulation's op definitions alive

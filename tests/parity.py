@@ -129,9 +129,9 @@ class Runner:
     close: Callable[..., None] = assert_matches  # elementwise results against the reference
     # The torch.ops namespace of its kernels, called directly by the invalid-input and opcheck tests (None: ops()).
     namespace: str | None = None
-    validates: bool = True  # raises the shared invalid-input errors (the emulation takes what it is given)
+    validates: bool = True  # raises the shared invalid-input errors
     opcheck_dtypes: tuple[torch.dtype, ...] = ()  # torch.library.opcheck of its kernels in these dtypes
-    contiguous_outputs: bool = False  # perturb_batched returns contiguous tensors (the others: laid out like grads)
+    fake_layout: bool = True  # perturb_batched's outputs are laid out like the grads, as the fakes promise
     dtypes: tuple[torch.dtype, ...] = tuple(DTYPES)
     t_modes: tuple[str, ...] = tuple(T_MODES)
     env: dict[str, str] = field(default_factory=dict)
@@ -208,14 +208,19 @@ def misaligned_specs(shapes: list[tuple[int, ...]]) -> list[Spec]:
     return [Spec(s, "cm"[i % 2 == 1], "cm"[i % 3 == 1], "cm"[i % 4 == 1]) for i, s in enumerate(shapes)]
 
 
-EMU_SPECS = misaligned_specs([(0,), (), (1,), (7,), (33, 5), (3, 4, 5, 6), (2, 0, 3), (70_001,), (16_385,)])
-CUDA_GPU_SPECS = misaligned_specs([(0,), (), (1,), (7,), (33, 5), (3, 4, 5, 6), (2, 0, 3), (70_001,), (257, 259)])
+# Positions the CUDA host code must stage (csrc/shared/host.h): a strided weight and EMA, a transposed gradient.
+STAGED_SPECS = [Spec((33,), "n", "c", "n"), Spec((5, 7), "c", "t", "c")]
+EMU_SPECS = (misaligned_specs([(0,), (), (1,), (7,), (33, 5), (3, 4, 5, 6), (2, 0, 3), (70_001,), (16_385,)])
+             + STAGED_SPECS)
+CUDA_GPU_SPECS = (misaligned_specs([(0,), (), (1,), (7,), (33, 5), (3, 4, 5, 6), (2, 0, 3), (70_001,), (257, 259)])
+                  + STAGED_SPECS)
 TRITON_GPU_SPECS = TRITON_SPECS + [Spec((70_001,)), Spec((1_000_003,))]
 
 F32 = (torch.float32,)
 RUNNERS = [
     # The reference itself through the op layer: proves the suite's own setup (exact agreement expected).
-    Runner("torch", lambda: OpLayer("torch"), "cpu", CPU_SPECS, lambda: None, sums_rtol=0.0, huge_rtol=0.0, dtypes=F32),
+    Runner("torch", lambda: OpLayer("torch"), "cpu", CPU_SPECS, lambda: None, sums_rtol=0.0, huge_rtol=0.0, dtypes=F32,
+           fake_layout=False),
     Runner("cpu", lambda: OpLayer("cpu"), "cpu", CPU_SPECS, _cpu_missing, sums_rtol=1e-6, namespace="sam_fused",
            opcheck_dtypes=(torch.float32, torch.float16), env={"SAM_FUSED_CPU_STREAMING": "0"}),
     # perturb_ and restore_ with streaming (non-temporal) stores, by default only above the LLC size (streaming.h)
@@ -223,11 +228,12 @@ RUNNERS = [
            namespace="sam_fused", env={"SAM_FUSED_CPU_STREAMING": "1"}, stores_only=True),
     Runner("triton_interp", _triton_ops, "cpu", TRITON_SPECS, lambda: _triton_missing(interpreted=True),
            namespace="sam_fused_triton", opcheck_dtypes=F32, slow=True),
-    Runner("cuda_emu", native.emu_ops, "cpu", EMU_SPECS, native.emu_missing, validates=False,
-           t_modes=("T=1", "T=|w|+0.01"), contiguous_outputs=True, slow=True),
+    # The CUDA backend's host code and kernels (emulated) on CPU tensors: validation, staging and opcheck included.
+    Runner("cuda_emu", native.emu_ops, "cpu", EMU_SPECS, native.emu_missing, opcheck_dtypes=F32,
+           t_modes=("T=1", "T=|w|+0.01"), slow=True),
     Runner("cuda_gpu", lambda: OpLayer("cuda"), "cuda", CUDA_GPU_SPECS, lambda: _gpu_missing("cuda"),
            sums_rtol=1e-10, huge_rtol=1e-10, close=assert_close_eps, namespace="sam_fused", opcheck_dtypes=F32,
-           contiguous_outputs=True, gpu=True),
+           gpu=True),
     Runner("triton_gpu", _triton_ops, "cuda", TRITON_GPU_SPECS, lambda: _gpu_missing("triton"), sums_rtol=1e-6,
            namespace="sam_fused_triton", opcheck_dtypes=F32, scale_k=4096, gpu=True),
 ]
