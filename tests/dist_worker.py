@@ -6,6 +6,7 @@ step (and F-SAM's EMAs) to <out_dir>/rank<r>.pt for the test to compare.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -36,31 +37,27 @@ def _run(step, model, steps: int = STEPS) -> list[dict]:
     return history
 
 
-def global_sam(x, y):
+def _ddp_sam(x, y, local: bool) -> list[dict]:
     model = DDP(make_model())
     opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM)
 
     def step():
-        mse(model(x), y).backward()  # DDP all-reduces: every rank perturbs with the global gradient
-        opt.first_step(zero_grad=True)
-        mse(model(x), y).backward()
-        opt.second_step(zero_grad=True)
-
-    return _run(step, model)
-
-
-def local_sam(x, y):
-    model = DDP(make_model())
-    opt = sam_fused.SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM)
-
-    def step():
-        with sam_fused.local_perturbation(model):
+        # global: DDP all-reduces, every rank perturbs with the global gradient; local: each with its own
+        with sam_fused.local_perturbation(model) if local else contextlib.nullcontext():
             mse(model(x), y).backward()
         opt.first_step(zero_grad=True)
         mse(model(x), y).backward()
         opt.second_step(zero_grad=True)
 
     return _run(step, model)
+
+
+def global_sam(x, y):
+    return _ddp_sam(x, y, local=False)
+
+
+def local_sam(x, y):
+    return _ddp_sam(x, y, local=True)
 
 
 def local_msam(x, y):

@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call
 
 import sam_fused
-from sam_fused import _backends
+from sam_fused import _backends, reference
 
 # Backends whose optimizer-level behaviour is tested on CPU tensors (the Triton interpreter has its own op tests).
 # The backends made for CPU tensors that are usable here, from the backend table (Triton runs CPU tensors only under
@@ -109,3 +109,26 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = 
     iv = torch.int32 if actual.dtype == torch.float32 else torch.int16
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
     assert torch.equal(actual.contiguous().view(iv), expected.contiguous().view(iv)), f"{what}: not bit-exact"
+
+
+def assert_step_ops_match(ops: object, params: list, grads: list, adaptive: bool, eta: float) -> None:
+    """perturb_ (weights against the reference, backups bit-exact), restore_ (bit-exact) and fsam_direction_ (its sum
+    and the stored direction and EMA) of `ops`, called like the torch.ops namespaces, against the reference. The
+    params come back restored; the grads end up holding F-SAM's direction."""
+    s = reference.grad_sumsq(grads, params if adaptive else None, eta)
+    original, w_ref = [p.clone() for p in params], [p.clone() for p in params]
+    backups = [torch.empty_like(p) for p in params]
+    reference.perturb_(w_ref, grads, [torch.empty_like(p) for p in params], s, 0.05, 1e-12, adaptive, eta)
+    ops.perturb_(params, grads, backups, s, 0.05, 1e-12, adaptive, eta, True)
+    for w, r, b, o in zip(params, w_ref, backups, original):
+        assert_matches(w, r)
+        assert_bits_equal(b, o)
+    ops.restore_(params, backups)
+    for w, o in zip(params, original):
+        assert_bits_equal(w, o)
+    ema = [torch.randn_like(g) for g in grads]
+    g_ref, e_ref = [g.clone() for g in grads], [m.clone() for m in ema]
+    assert_sumsq(ops.fsam_direction_(grads, ema, 0.7, 0.6, False, params, 0.01),
+                 reference.fsam_direction_(g_ref, e_ref, 0.7, 0.6, False, params, 0.01))
+    for a, e in zip(grads + ema, g_ref + e_ref):
+        assert_matches(a, e)

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_bits_equal, assert_matches, assert_sumsq
+from helpers import assert_bits_equal, assert_matches, assert_step_ops_match, assert_sumsq
 from parity import DTYPES, RUNNERS, Spec, Tensors, clone
 
 from sam_fused import ops, reference
@@ -71,24 +71,12 @@ def test_tensors_on_a_device_other_than_the_current_one() -> None:
     s = T.grad_sumsq(grads, params, 0.01, 1)
     assert s.device == other
     assert_sumsq(s, reference.grad_sumsq(grads, params, 0.01, 1))
-    backups = [torch.empty_like(p) for p in params]
-    w_ref = clone(params)
-    reference.perturb_(w_ref, grads, [torch.empty_like(p) for p in params], s, 0.05, 1e-12, True, 0.01)
-    T.perturb_(params, grads, backups, s, 0.05, 1e-12, True, 0.01, True)
-    for w, r in zip(params, w_ref):
-        assert_matches(w, r)
     kgrads = [g.unsqueeze(0) for g in grads]
     outs = T.perturb_batched(original, kgrads, s, 0.05)
     for out, e in zip(outs, reference.perturb_batched(original, kgrads, s, 0.05)):
         assert out.device == other
         assert_matches(out, e)
-    T.restore_(params, backups)
-    for w, o in zip(params, original):
-        assert_bits_equal(w, o)
-    ema = [torch.zeros_like(g) for g in grads]
-    g_ref, e_ref = clone(grads), clone(ema)
-    assert_sumsq(T.fsam_direction_(grads, ema, 0.7, 0.6, False, params, 0.01),
-                 reference.fsam_direction_(g_ref, e_ref, 0.7, 0.6, False, params, 0.01))
+    assert_step_ops_match(T, params, grads, adaptive=True, eta=0.01)  # perturb_, restore_, fsam_direction_
     torch.cuda.synchronize(other)
     assert torch.cuda.current_device() == 0
 
@@ -134,24 +122,7 @@ def test_aligned_buckets_take_the_vector_kernels_and_match(dtype: torch.dtype) -
     assert_sumsq(s, reference.grad_sumsq(kgrads, params, 0.01, 2))
     for a, e in zip(T.perturb_batched(params, kgrads, s, 0.05), reference.perturb_batched(params, kgrads, s, 0.05)):
         assert_matches(a, e)
-    grads = [g[0].clone() for g in kgrads]
-    s1 = reference.grad_sumsq(grads, params, 0.01)
-    original, w_ref = clone(params), clone(params)
-    backups = [torch.empty_like(p) for p in params]
-    reference.perturb_(w_ref, grads, [torch.empty_like(p) for p in params], s1, 0.05, 1e-12, True, 0.01)
-    T.perturb_(params, grads, backups, s1, 0.05, 1e-12, True, 0.01, True)
-    for w, r, b, o in zip(params, w_ref, backups, original):
-        assert_matches(w, r)
-        assert_bits_equal(b, o)
-    T.restore_(params, backups)
-    for w, o in zip(params, original):
-        assert_bits_equal(w, o)
-    ema = [torch.randn_like(g) for g in grads]
-    g_ref, e_ref = clone(grads), clone(ema)
-    assert_sumsq(T.fsam_direction_(grads, ema, 0.7, 0.6, False, params, 0.01),
-                 reference.fsam_direction_(g_ref, e_ref, 0.7, 0.6, False, params, 0.01))
-    for a, e in zip(grads + ema, g_ref + e_ref):
-        assert_matches(a, e)
+    assert_step_ops_match(T, params, [g[0].clone() for g in kgrads], adaptive=True, eta=0.01)
 
 
 def test_channels_last_step_is_capturable() -> None:
