@@ -102,4 +102,6 @@ say "pytest (installed wheel, no triton): test_install, test_ops, test_optim, te
 cd "$RUN/suite"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_install.py tests/test_ops.py tests/test_optim.py \
   tests/test_triton_interpret.py tests/test_diagnostics_sharpness.py tests/test_diagnostics_stability.py
+say "pytest (installed wheel): the parity suite's runners of the installed C++ CPU kernels"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_parity.py -k "cpu"
 say "OK: the wheel installs, imports, runs the demo and passes the selection ($(elapsed))"

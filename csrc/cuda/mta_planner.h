@@ -5,8 +5,8 @@
 // [chunk_start, chunk_start + chunk_len) of one tensor. Kernel arguments are limited in size (4 KB is the portable
 // budget; CUDA >= 12.1 allows 32 KB), so a list of many tensors or many chunks needs several launches; the planner
 // decides where to cut. It lives in its own header, free of CUDA, so that the same code is unit-tested on the CPU
-// build of torch through the sam_fused_testing::plan_chunks op (csrc/testing/planner_ops.cpp,
-// tests/test_cuda_planner.py).
+// build of torch through the sam_fused_planner::plan_chunks op (csrc/testing/planner_ops.cpp, built on the fly by
+// tests/native.py; tests/test_cuda_planner.py).
 //
 // Guarantees (what the tests check): every element of every non-empty tensor is in exactly one block; empty tensors
 // get no block and no slot; a launch never has more than max_tensors tensors or max_blocks blocks; a tensor whose
