@@ -99,6 +99,8 @@ const at::Tensor& Staging::dense(const at::Tensor& t, Access access) {
 
 const at::Tensor& Staging::like(const at::Tensor& t, const at::Tensor& like, Access access) {
   if (t.sizes() == like.sizes() && t.strides() == like.strides()) return t;  // `like` is dense
+  // Positions of one shape only: sliced lists ([k, *shape]) are staged with Layout::kContiguous.
+  TORCH_INTERNAL_ASSERT(t.sizes() == like.sizes(), "host::Staging::like: shapes ", t.sizes(), " and ", like.sizes());
   return temporary(t, at::empty_like(like), access);  // empty_like keeps a dense tensor's strides
 }
 
