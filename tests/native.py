@@ -112,7 +112,8 @@ def emu_ops() -> object:
 
     inputs = (kernel_files + [cuda / "ops.cpp"] + sorted(cuda.glob("*.h")) + sorted(cuda.glob("*.cuh"))
               + sorted(shared.iterdir()) + sorted(emu_dir.iterdir()))
-    _emu_library.append(_registry.define_ops("sam_fused_emu"))  # before the kernels register for it
+    if not _emu_library:  # once per process, before the kernels register for it (a failed build may be retried)
+        _emu_library.append(_registry.define_ops("sam_fused_emu"))
     build("cuda_emu", [emu_dir / "emu_ops.cpp", shared / "host.cpp"], inputs,
           [str(CSRC), str(emu_dir), cuda_include()], prepare=generate, cflags=("-Wno-attributes",))
     return torch.ops.sam_fused_emu

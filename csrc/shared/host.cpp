@@ -6,6 +6,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <string>
+#include <tuple>
 
 namespace sam_fused::host {
 namespace {

@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <deque>
 #include <initializer_list>
-#include <tuple>
 #include <utility>
 #include <vector>
 
